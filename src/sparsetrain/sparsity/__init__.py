@@ -1,0 +1,1 @@
+"""The sparsity core: which tensors are sparse, their densities, schedules and selection."""

@@ -1,0 +1,62 @@
+"""Small models and training helpers shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Conv (grouped and plain), BatchNorm, Linear: every kind of weight a vision net has."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        x = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def tiny_cnn() -> nn.Module:
+    return TinyCNN()
+
+
+def batches(n: int, seed: int = 0, batch: int = 8):
+    """``n`` fixed batches of (images 2x8x8, labels in 0..4)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, 2, 8, 8, generator=g), torch.randint(0, 5, (batch,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def train_step(model, optimizer, sparsifier, x, y):
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    return sparsifier.step()
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "sgd-nesterov": lambda p: torch.optim.SGD(
+        p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3
+    ),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return tiny_cnn()

@@ -1,0 +1,24 @@
+"""The example scripts run end to end (on a small fake data set, so the test stays fast)."""
+
+import runpy
+import sys
+from pathlib import Path
+
+from tests.data.test_fashion_mnist import fake_fashion_mnist
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_fashion_mnist_comparison(tmp_path, monkeypatch, capsys):
+    root = fake_fashion_mnist(tmp_path, n_train=512, n_test=64)
+    report = tmp_path / "report.md"
+    monkeypatch.setattr(sys, "argv", [
+        "fashion_mnist_comparison.py", "--data", str(root), "--epochs", "2",
+        "--batch-size", "32", "--delta-t", "4", "--report", str(report),
+    ])
+    runpy.run_path(str(EXAMPLES / "fashion_mnist_comparison.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for method in ("dense", "static", "set", "snfs", "rigl"):
+        assert f"| {method} |" in out
+    text = report.read_text()
+    assert "| rigl | " in text and "Per-layer density" in text
