@@ -1,0 +1,239 @@
+"""Every method under DistributedDataParallel: all replicas keep identical masks and weights.
+
+One spawn of two CPU workers (gloo, TCP rendezvous on 127.0.0.1) runs every registered method in
+turn: a small CNN wrapped in ``DistributedDataParallel``, the sparsifier built with the same seed
+on each rank, ~30 steps with ``delta_t=5`` on different random data per rank. After the
+sparsifier is built and after every step the ranks exchange their masks and parameters with
+``all_gather_object`` and check them for bitwise equality, and check that the number of active
+weights of every layer is unchanged and that no inactive weight is non-zero. Each rank writes
+what it found to a JSON file; the tests below read them and report per method.
+
+A negative control runs the same check on SET built with ``seed=rank``: the check must see the
+masks (and hence the weights) differ, which shows it can fail.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sparsetrain as st
+from tests.conftest import TinyCNN
+
+WORLD_SIZE = 2
+STEPS = 30
+DELTA_T = 5
+DENSITY = 0.2
+JOIN_TIMEOUT_S = 120.0
+COLLECTIVE_TIMEOUT_S = 60.0
+MAX_ERRORS = 10
+METHODS = st.available_methods()
+CONTROL = "control:set-seed-per-rank"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _snapshot(model: nn.Module, sparsifier) -> dict:
+    return {
+        "masks": {n: m.detach().cpu().clone() for n, m in sparsifier.masks.items()},
+        "params": {n: p.detach().cpu().clone() for n, p in model.named_parameters()},
+    }
+
+
+def _compare(gathered: list[dict], step: int, counts: dict[str, int]) -> list[str]:
+    """Differences between the ranks' snapshots, and broken invariants, as readable lines."""
+    errors = []
+    ref = gathered[0]
+    for rank, other in enumerate(gathered[1:], start=1):
+        for kind in ("masks", "params"):
+            if set(other[kind]) != set(ref[kind]):
+                errors.append(f"step {step}: rank {rank} has other {kind} names than rank 0")
+                continue
+            for name, tensor in ref[kind].items():
+                if not torch.equal(tensor, other[kind][name]):
+                    if kind == "masks":
+                        detail = f"{int((tensor != other[kind][name]).sum())} positions differ"
+                    else:
+                        diff = (tensor - other[kind][name]).abs().max().item()
+                        detail = f"max abs difference {diff:.3g}"
+                    errors.append(f"step {step}: {kind[:-1]} {name!r} differs between rank 0 "
+                                  f"and rank {rank} ({detail})")
+    for rank, snap in enumerate(gathered):
+        for name, mask in snap["masks"].items():
+            active = int(mask.sum())
+            if active != counts[name]:
+                errors.append(f"step {step}: rank {rank} layer {name!r} has {active} active "
+                              f"weights, {counts[name]} at the start")
+            outside = int(torch.count_nonzero(snap["params"][name][~mask]))
+            if outside:
+                errors.append(f"step {step}: rank {rank} layer {name!r} has {outside} non-zero "
+                              "weights outside its mask")
+    return errors
+
+
+def _run_method(method: str, rank: int, seed: int) -> dict:
+    torch.manual_seed(1234)  # the same initial model on every rank
+    model = DDP(TinyCNN())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sp = st.make_sparsifier(method, model, opt, density=DENSITY, distribution="erk",
+                            total_steps=STEPS, delta_t=DELTA_T, alpha=0.5, seed=seed)
+    data = torch.Generator().manual_seed(1000 + rank)  # different data on every rank
+    counts = {n: int(m.sum()) for n, m in sp.masks.items()}
+    errors: list[str] = []
+    topology_changes = 0
+    losses = []
+
+    def check(step: int) -> None:
+        gathered = [None] * WORLD_SIZE
+        dist.all_gather_object(gathered, _snapshot(model, sp))
+        errors.extend(_compare(gathered, step, counts))
+
+    check(0)
+    for t in range(1, STEPS + 1):
+        before = {n: m.clone() for n, m in sp.masks.items()}
+        x = torch.randn(16, 2, 8, 8, generator=data)
+        y = torch.randint(0, 5, (16,), generator=data)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        sp.step()
+        losses.append(loss.item())
+        if any(not torch.equal(before[n], m) for n, m in sp.masks.items()):
+            topology_changes += 1
+        check(t)
+    local_losses = [None] * WORLD_SIZE
+    dist.all_gather_object(local_losses, losses)
+    return {
+        "errors": errors[:MAX_ERRORS],
+        "n_errors": len(errors),
+        "steps": sp.step_count,
+        "topology_changes": topology_changes,
+        "update_steps": [t for t in range(1, STEPS + 1) if sp.is_update_step(t)],
+        "active_counts": counts,
+        "data_differs": local_losses[0] != local_losses[1],
+    }
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    out = Path(out_dir) / f"rank{rank}.json"
+    result: dict = {"rank": rank, "methods": {}}
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
+        runs = [(m, m, 0) for m in METHODS] + [(CONTROL, "set", rank)]
+        for i, (name, method, seed) in enumerate(runs):
+            try:
+                result["methods"][name] = _run_method(method, rank, seed=seed)
+            except Exception:
+                # The ranks may now be out of step in their collectives: run nothing more.
+                result["methods"][name] = {"fatal": traceback.format_exc()}
+                for later, _, _ in runs[i + 1:]:
+                    result["methods"][later] = {"fatal": f"not run: {name!r} failed before it"}
+                break
+    except BaseException:
+        result["fatal"] = traceback.format_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        out.write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    """Run the workers once; return rank 0's results per method, or the reason there are none."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, str(out_dir)), daemon=True)
+             for r in range(WORLD_SIZE)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    problems = []
+    for rank, p in enumerate(procs):
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+            problems.append(f"rank {rank} did not finish within {JOIN_TIMEOUT_S:.0f} s")
+    results = {}
+    for rank, p in enumerate(procs):
+        path = out_dir / f"rank{rank}.json"
+        if not path.exists():
+            problems.append(f"rank {rank} wrote no result (exit code {p.exitcode})")
+            continue
+        results[rank] = json.loads(path.read_text())
+        if "fatal" in results[rank]:
+            problems.append(f"rank {rank} failed:\n{results[rank]['fatal']}")
+    if problems:
+        return {"problem": "\n".join(problems)}
+    # Both ranks compare the same gathered data, so they must report the same findings.
+    methods = {}
+    for name, res in results[0]["methods"].items():
+        other = results[1]["methods"].get(name, {"fatal": "no result"})
+        if "fatal" in res or "fatal" in other:
+            methods[name] = {"fatal": "\n".join(
+                f"rank {r}: {x['fatal']}" for r, x in enumerate((res, other)) if "fatal" in x)}
+        elif other["errors"] != res["errors"]:
+            methods[name] = {"fatal": "ranks 0 and 1 disagree about what they found"}
+        else:
+            methods[name] = res
+    return methods
+
+
+def _result(ddp_results, name):
+    if "problem" in ddp_results:
+        pytest.fail(f"the distributed workers failed:\n{ddp_results['problem']}", pytrace=False)
+    if name not in ddp_results:
+        pytest.fail(f"no result for {name!r}", pytrace=False)
+    if "fatal" in ddp_results[name]:
+        pytest.fail(f"{name} failed in the workers:\n{ddp_results[name]['fatal']}", pytrace=False)
+    return ddp_results[name]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_replicas_stay_identical_under_ddp(ddp_results, method):
+    res = _result(ddp_results, method)
+    assert res["steps"] == STEPS
+    assert res["data_differs"], "the ranks must train on different data for the test to mean much"
+    assert res["n_errors"] == 0, (
+        f"{method}: {res['n_errors']} problems under DDP, the first ones:\n"
+        + "\n".join(res["errors"])
+    )
+    if method == "static":
+        assert res["topology_changes"] == 0
+    else:
+        assert res["update_steps"] == [5, 10, 15, 20]
+        assert res["topology_changes"] > 0, f"{method} never changed its masks"
+
+
+def test_check_detects_replicas_that_diverge(ddp_results):
+    """Negative control: SET seeded differently per rank gives different masks and weights."""
+    res = _result(ddp_results, CONTROL)
+    assert res["n_errors"] > 0, "the check did not notice masks built with different seeds"
+    assert any("mask" in e and "step 0:" in e for e in res["errors"]), res["errors"]
+    assert not any("active weights" in e or "outside its mask" in e for e in res["errors"]), (
+        "different seeds must change which weights are active, not how many"
+    )
