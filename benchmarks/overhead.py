@@ -3,9 +3,11 @@
 LeNet-5 on random 28x28 batches, SGD (lr 0.01, momentum 0.9, weight decay 5e-4). The dense
 baseline calls ``optimizer.step()``; every registered method calls ``sparsifier.step()`` with
 ``total_steps = --steps``, so the timed run includes the topology updates of the schedule
-(with the defaults at steps 100, 200 and 300; ``t_end = 0.75 * steps``). The sparse methods
-here keep the weights dense in memory (masked backend), so the question is how much the masks
-and the updates add, not how much sparsity saves.
+(with the defaults at steps 100, 200 and 300; ``t_end = 0.75 * steps``; gradual magnitude
+pruning takes ``--delta-t`` as its pruning frequency and prunes at 180, 280 and 300, from
+``start_step = 0.2 * steps`` to ``end_step = 0.75 * steps``). The sparse methods here keep the
+weights dense in memory (masked backend), so the question is how much the masks and the updates
+add, not how much sparsity saves.
 
 The machine may be shared and noisy, so the runs are interleaved: each repeat trains dense and
 every method from fresh models, by default one step of each in turn (the order rotated every
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="timed steps per run")
     parser.add_argument("--density", type=float, default=0.1)
-    parser.add_argument("--delta-t", type=int, default=100, help="steps between topology updates")
+    parser.add_argument("--delta-t", type=int, default=100,
+                        help="steps between topology updates (GMP: between pruning steps)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,

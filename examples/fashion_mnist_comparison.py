@@ -1,4 +1,4 @@
-"""Compare dense training with Static, SET, SNFS and RigL on Fashion-MNIST.
+"""Compare dense training with Static, SET, SNFS, RigL and GMP on Fashion-MNIST.
 
 Trains LeNet-300-100 (an MLP 784-300-100-10) once per method at the same density and prints a
 table of test accuracy, the per-layer densities of the sparse models, and writes the same as a
@@ -80,7 +80,7 @@ def train(method: str, data, args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["dense", "static", "set", "snfs", "rigl"])
+    parser.add_argument("--methods", nargs="+", default=["dense", "static", "set", "snfs", "rigl", "gmp"])
     parser.add_argument("--density", type=float, default=0.05)
     parser.add_argument("--distribution", default="erk", choices=st.DISTRIBUTIONS)
     parser.add_argument("--epochs", type=int, default=10)

@@ -44,6 +44,23 @@ def train_step(model, optimizer, sparsifier, x, y):
     return sparsifier.step()
 
 
+def save_checkpoint(path, model, optimizer, sparsifier):
+    """Save a run as the README shows; return it loaded back with ``weights_only=True``."""
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "sparsifier": sparsifier.state_dict()}, path)
+    return torch.load(path, weights_only=True)
+
+
+def schedule_kwargs(method, delta_t, **fixed_budget_only):
+    """Keywords for ``make_sparsifier(method, ...)``: the update period, plus those (such as
+    ``alpha``) that only the fixed-budget methods take; GMP takes ``delta_t`` as its pruning
+    frequency."""
+    import sparsetrain as st
+
+    extra = fixed_budget_only if st.get_method(method).fixed_budget else {}
+    return {"delta_t": delta_t, **extra}
+
+
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
     "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),

@@ -18,7 +18,7 @@ def test_fashion_mnist_comparison(tmp_path, monkeypatch, capsys):
     ])
     runpy.run_path(str(EXAMPLES / "fashion_mnist_comparison.py"), run_name="__main__")
     out = capsys.readouterr().out
-    for method in ("dense", "static", "set", "snfs", "rigl"):
+    for method in ("dense", "static", "set", "snfs", "rigl", "gmp"):
         assert f"| {method} |" in out
     text = report.read_text()
     assert "| rigl | " in text and "Per-layer density" in text

@@ -8,6 +8,7 @@ Two lines in any training loop::
 """
 
 from .methods import (
+    GMP,
     SET,
     SNFS,
     DynamicSparsifier,
@@ -18,6 +19,18 @@ from .methods import (
     make_sparsifier,
     register_method,
 )
+from .pruning import (
+    PRUNING_METHODS,
+    LotteryRound,
+    LotteryTicket,
+    SmallDenseWidth,
+    dense_param_count,
+    prune_at_init,
+    pruning_scores,
+    run_lottery_ticket,
+    small_dense_width,
+    sparse_param_count,
+)
 from .sparsity.distributions import DISTRIBUTIONS, densities_for_shapes, layer_densities
 from .sparsity.schedules import drop_fraction
 from .sparsity.targets import find_targets
@@ -27,17 +40,28 @@ __version__ = "0.1.0"
 __all__ = [
     "DISTRIBUTIONS",
     "DynamicSparsifier",
+    "GMP",
+    "LotteryRound",
+    "LotteryTicket",
+    "SmallDenseWidth",
+    "PRUNING_METHODS",
     "RigL",
     "SET",
     "SNFS",
     "Static",
     "available_methods",
+    "dense_param_count",
     "densities_for_shapes",
     "drop_fraction",
     "find_targets",
     "get_method",
     "layer_densities",
     "make_sparsifier",
+    "prune_at_init",
+    "pruning_scores",
     "register_method",
+    "run_lottery_ticket",
+    "small_dense_width",
+    "sparse_param_count",
     "__version__",
 ]

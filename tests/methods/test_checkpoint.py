@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import sparsetrain as st
-from tests.conftest import batches, tiny_cnn, train_step
+from tests.conftest import (
+    batches, save_checkpoint, schedule_kwargs, tiny_cnn, train_step,
+)
 
 METHODS = st.available_methods()
 STEPS, SPLIT = 30, 13
@@ -14,8 +16,8 @@ def build(method, seed=0):
     torch.manual_seed(0)
     model = tiny_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    sp = st.make_sparsifier(method, model, opt, density=0.2, total_steps=STEPS, delta_t=4,
-                            seed=seed)
+    sp = st.make_sparsifier(method, model, opt, density=0.2, total_steps=STEPS, seed=seed,
+                            **schedule_kwargs(method, 4))
     return model, opt, sp
 
 
@@ -29,11 +31,7 @@ def test_resume_is_exact(method, tmp_path):
     model_a, opt_a, sp_a = build(method)
     for x, y in data[:SPLIT]:
         train_step(model_a, opt_a, sp_a, x, y)
-    path = tmp_path / "checkpoint.pt"
-    torch.save({"model": model_a.state_dict(), "optimizer": opt_a.state_dict(),
-                "sparsifier": sp_a.state_dict()}, path)
-
-    checkpoint = torch.load(path, weights_only=True)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", model_a, opt_a, sp_a)
     model_b, opt_b, sp_b = build(method, seed=123)  # the saved generator state wins
     model_b.load_state_dict(checkpoint["model"])
     opt_b.load_state_dict(checkpoint["optimizer"])

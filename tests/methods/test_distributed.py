@@ -5,7 +5,8 @@ turn: a small CNN wrapped in ``DistributedDataParallel``, the sparsifier built w
 on each rank, ~30 steps with ``delta_t=5`` on different random data per rank. After the
 sparsifier is built and after every step the ranks exchange their masks and parameters with
 ``all_gather_object`` and check them for bitwise equality, and check that the number of active
-weights of every layer is unchanged and that no inactive weight is non-zero. Each rank writes
+weights of every layer is as expected (unchanged for the fixed-budget methods, the schedule's
+count for gradual magnitude pruning) and that no inactive weight is non-zero. Each rank writes
 what it found to a JSON file; the tests below read them and report per method.
 
 A negative control runs the same check on SET built with ``seed=rank``: the check must see the
@@ -29,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsetrain as st
-from tests.conftest import TinyCNN
+from tests.conftest import TinyCNN, schedule_kwargs
 
 WORLD_SIZE = 2
 STEPS = 30
@@ -78,7 +79,7 @@ def _compare(gathered: list[dict], step: int, counts: dict[str, int]) -> list[st
             active = int(mask.sum())
             if active != counts[name]:
                 errors.append(f"step {step}: rank {rank} layer {name!r} has {active} active "
-                              f"weights, {counts[name]} at the start")
+                              f"weights, {counts[name]} expected")
             outside = int(torch.count_nonzero(snap["params"][name][~mask]))
             if outside:
                 errors.append(f"step {step}: rank {rank} layer {name!r} has {outside} non-zero "
@@ -91,7 +92,8 @@ def _run_method(method: str, rank: int, seed: int) -> dict:
     model = DDP(TinyCNN())
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     sp = st.make_sparsifier(method, model, opt, density=DENSITY, distribution="erk",
-                            total_steps=STEPS, delta_t=DELTA_T, alpha=0.5, seed=seed)
+                            total_steps=STEPS, seed=seed,
+                            **schedule_kwargs(method, DELTA_T, alpha=0.5))
     data = torch.Generator().manual_seed(1000 + rank)  # different data on every rank
     counts = {n: int(m.sum()) for n, m in sp.masks.items()}
     errors: list[str] = []
@@ -113,9 +115,14 @@ def _run_method(method: str, rank: int, seed: int) -> dict:
         loss.backward()
         sp.step()
         losses.append(loss.item())
+        if not sp.fixed_budget and sp.is_update_step(t):
+            counts = sp.target_counts(t)
         if any(not torch.equal(before[n], m) for n, m in sp.masks.items()):
             topology_changes += 1
         check(t)
+    params = dict(model.named_parameters())
+    densities = st.layer_densities(model, DENSITY, "erk")
+    budget = {n: round(densities[n] * params[n].numel()) for n in sp.masks}
     local_losses = [None] * WORLD_SIZE
     dist.all_gather_object(local_losses, losses)
     return {
@@ -124,7 +131,8 @@ def _run_method(method: str, rank: int, seed: int) -> dict:
         "steps": sp.step_count,
         "topology_changes": topology_changes,
         "update_steps": [t for t in range(1, STEPS + 1) if sp.is_update_step(t)],
-        "active_counts": counts,
+        "active_counts": counts,  # at the end
+        "budget_counts": budget,
         "data_differs": local_losses[0] != local_losses[1],
     }
 
@@ -222,8 +230,12 @@ def test_replicas_stay_identical_under_ddp(ddp_results, method):
         f"{method}: {res['n_errors']} problems under DDP, the first ones:\n"
         + "\n".join(res["errors"])
     )
+    assert res["active_counts"] == res["budget_counts"], "the budget must hold at the end"
     if method == "static":
         assert res["topology_changes"] == 0
+    elif method == "gmp":  # start_step int(0.2 * 30) = 6, end_step int(0.75 * 30) = 22
+        assert res["update_steps"] == [11, 16, 21, 22]
+        assert res["topology_changes"] == 4, "GMP must prune at each of its pruning steps"
     else:
         assert res["update_steps"] == [5, 10, 15, 20]
         assert res["topology_changes"] > 0, f"{method} never changed its masks"

@@ -47,6 +47,36 @@ def test_bad_arguments(kwargs, message):
         make(**kwargs)
 
 
+SHARED_ARGUMENTS = [
+    ({"density": 0}, r"density must be .*\(0, 1\]"),
+    ({"total_steps": 0}, "total_steps must be a positive integer"),
+    ({"distribution": "gaussian"}, "distribution must be one of"),
+    ({"dense_layers": ["encoder.*"]}, "'encoder.*' matches none"),
+    ({"dense_layers": ["*"]}, "nothing is left to sparsify"),
+    ({"seed": "zero"}, "seed must be an integer"),
+    ({"backend": "csr-gpu"}, "backend must be one of 'masked'"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", SHARED_ARGUMENTS)
+@pytest.mark.parametrize("method", st.available_methods())
+def test_every_method_checks_the_shared_arguments(method, kwargs, message):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        st.make_sparsifier(method, model, opt, **{"density": 0.5, "total_steps": 10, **kwargs})
+
+
+@pytest.mark.parametrize("method", st.available_methods())
+def test_every_method_checks_the_optimizer(method):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer"):
+        st.make_sparsifier(method, model, object(), density=0.5, total_steps=10)
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"does not update the sparsified weights \['0.weight'\]"):
+        st.make_sparsifier(method, model, opt, density=0.5, total_steps=10)
+
+
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'rig'; the registered methods are: "):
         st.get_method("rig")

@@ -24,7 +24,8 @@ def data(n, seed=0):
 
 def reference_update(mask, weight, grow_score, fraction):
     """Algorithm 1 of the RigL paper, written out element by element."""
-    flat_mask, w, g = mask.flatten().tolist(), weight.flatten().tolist(), grow_score.flatten().tolist()
+    flat_mask, w = mask.flatten().tolist(), weight.flatten().tolist()
+    g = grow_score.flatten().tolist()
     active = [i for i, m in enumerate(flat_mask) if m]
     k = math.floor(fraction * len(active))
     by_magnitude = sorted(active, key=lambda i: abs(w[i]))
@@ -62,7 +63,8 @@ def run_and_check(method, grow_score_of, steps=20, delta_t=5):
 
 
 def test_rigl_drops_smallest_magnitude_and_grows_largest_gradient():
-    assert run_and_check("rigl", lambda history, name: history[-1][name].abs()) == 4  # 2 layers x 2 updates
+    # 2 layers x 2 updates
+    assert run_and_check("rigl", lambda history, name: history[-1][name].abs()) == 4
 
 
 def test_snfs_grows_by_the_gradient_moving_average():

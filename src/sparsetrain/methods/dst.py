@@ -55,6 +55,13 @@ def _check_optimizer(optimizer: Any, params: Iterable[torch.Tensor], names: list
         )
 
 
+def _distribution_config(distribution: str | Mapping[str, float]) -> str | dict[str, float]:
+    """The distribution as a plain value for a state_dict (a custom map as a dict of floats)."""
+    if isinstance(distribution, Mapping):
+        return {str(k): float(v) for k, v in distribution.items()}
+    return distribution
+
+
 class DynamicSparsifier:
     """Base of the fixed-budget sparse training methods; on its own it is Static.
 
@@ -82,6 +89,7 @@ class DynamicSparsifier:
     """
 
     method_name = "static"
+    fixed_budget = True  # every layer keeps its number of active weights from start to end
     updates_topology = False
     default_optimizer_step_on_update = True
 
@@ -120,26 +128,13 @@ class DynamicSparsifier:
         if isinstance(t_start, bool) or not isinstance(t_start, numbers.Integral) or t_start < 0:
             raise ValueError(f"t_start must be a non-negative integer, got {t_start!r}")
         self.t_start = int(t_start)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
         self.allow_regrowth = bool(allow_regrowth)
         self.optimizer_step_on_update = (
             self.default_optimizer_step_on_update
             if optimizer_step_on_update is None
             else bool(optimizer_step_on_update)
         )
-        self.distribution = distribution
-        self.dense_layers = (dense_layers,) if isinstance(dense_layers, str) else tuple(dense_layers)
-
-        self.model = model
-        self.optimizer = optimizer
-        sparse, dense = partition(model, self.dense_layers)
-        self._dense_names = [t.name for t in dense]
-        names = [t.name for t in sparse]
-        _check_optimizer(optimizer, [t.param for t in sparse], names)
-
-        self.generator = torch.Generator().manual_seed(self.seed)
+        sparse = self._bind(model, optimizer, distribution, dense_layers, seed)
         if masks is None:
             densities = densities_for_shapes(
                 {t.name: tuple(t.shape) for t in sparse},
@@ -153,6 +148,26 @@ class DynamicSparsifier:
         self.backend = make_backend(backend, sparse, masks, optimizer)
         self.step_count = 0
         self._init_method_state()
+
+    def _bind(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+              distribution: str | Mapping[str, float], dense_layers: Iterable[str] | str,
+              seed: int) -> list[Target]:
+        """Check and keep the model, optimizer, distribution, dense layers and seed (with the
+        generator seeded from it); return the weights to sparsify."""
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = int(seed)
+        self.distribution = distribution
+        self.dense_layers = (
+            (dense_layers,) if isinstance(dense_layers, str) else tuple(dense_layers)
+        )
+        self.model = model
+        self.optimizer = optimizer
+        sparse, dense = partition(model, self.dense_layers)
+        self._dense_names = [t.name for t in dense]
+        _check_optimizer(optimizer, [t.param for t in sparse], [t.name for t in sparse])
+        self.generator = torch.Generator().manual_seed(self.seed)
+        return sparse
 
     # --- what the subclasses override -----------------------------------------------------
     def _init_method_state(self) -> None:
@@ -253,12 +268,9 @@ class DynamicSparsifier:
 
     # --- checkpointing --------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
-        distribution = self.distribution
-        if isinstance(distribution, Mapping):
-            distribution = {str(k): float(v) for k, v in distribution.items()}
         return {
             "density": self.density,
-            "distribution": distribution,
+            "distribution": _distribution_config(self.distribution),
             "total_steps": self.total_steps,
             "delta_t": self.delta_t,
             "alpha": self.alpha,

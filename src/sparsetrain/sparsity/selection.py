@@ -7,6 +7,10 @@ only on the scores and the generator state (identical on every data-parallel rep
 
 from __future__ import annotations
 
+import math
+import warnings
+from typing import Mapping
+
 import torch
 
 
@@ -74,3 +78,47 @@ def drop_and_grow(
     candidates = _comparable(grow_scores).masked_fill(closed, -float("inf"))
     grown = top_k_mask(candidates, n_drop, generator)
     return kept | grown
+
+
+def select_global(scores: Mapping[str, torch.Tensor], n_keep: int, generator: torch.Generator,
+                  *, stacklevel: int = 3) -> dict[str, torch.Tensor]:
+    """Masks (name -> bool) keeping the ``n_keep`` highest scores over all tensors at once.
+
+    Every tensor keeps at least one entry: a layer left with no weight would cut the network in
+    two ("layer collapse"). When the plain selection would leave a tensor empty, every tensor's
+    best-scored entry is kept first (with a warning) and the rest of the budget goes to the
+    highest other scores, so the total stays exactly ``n_keep`` and no tensor is empty.
+    (Reserving only the empty ones could push another tensor's single entry out.) Scores of
+    ``-inf`` mark entries that must not be kept unless nothing else is left.
+    """
+    names = list(scores)
+    if n_keep < len(names):
+        raise ValueError(f"cannot keep {n_keep} weights in {len(names)} layers, at least one each")
+    device = scores[names[0]].device
+    flat = torch.cat([scores[n].reshape(-1).to(device=device, dtype=torch.float64)
+                      for n in names])
+    sizes = [scores[n].numel() for n in names]
+
+    def split(indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        keep = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
+        keep[indices] = True
+        return {n: part.view(scores[n].shape).to(scores[n].device)
+                for n, part in zip(names, torch.split(keep, sizes))}
+
+    masks = split(top_k_indices(flat, n_keep, generator))
+    empty = [n for n in names if not bool(masks[n].any())]
+    if not empty:
+        return masks
+    warnings.warn(
+        f"keeping the {n_keep} best-scored weights over all layers would leave no weight in "
+        f"{empty}; each layer keeps its best-scored weight so the network stays connected",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+    reserved = flat.clone()
+    offset = 0
+    for name, size in zip(names, sizes):
+        best = top_k_indices(scores[name].to(device=device, dtype=torch.float64), 1, generator)
+        reserved[offset + best] = math.inf
+        offset += size
+    return split(top_k_indices(reserved, n_keep, generator))
