@@ -7,6 +7,7 @@ Two lines in any training loop::
     sparsifier.step()   # in place of optimizer.step()
 """
 
+from . import data, models
 from .methods import (
     GMP,
     SET,
@@ -39,6 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DISTRIBUTIONS",
+    "data",
+    "models",
     "DynamicSparsifier",
     "GMP",
     "LotteryRound",

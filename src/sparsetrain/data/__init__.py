@@ -1,6 +1,16 @@
-"""Data sets for the examples and the experiment layer (it imports the library, never the reverse)."""
+"""Data sets for the examples, the runner and the benchmarks."""
 
-from .idx import read_idx
+from .datasets import (
+    Dataset,
+    available_datasets,
+    load_dataset,
+    make_synthetic,
+    random_crop_flip,
+)
 from .fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
+from .idx import DataFileError, read_idx
 
-__all__ = ["FASHION_MNIST_DIR", "load_fashion_mnist", "read_idx"]
+__all__ = [
+    "DataFileError", "Dataset", "FASHION_MNIST_DIR", "available_datasets", "load_dataset",
+    "load_fashion_mnist", "make_synthetic", "random_crop_flip", "read_idx",
+]

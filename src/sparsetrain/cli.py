@@ -1,0 +1,181 @@
+"""The ``sparsetrain`` command line.
+
+    sparsetrain train --model lenet300 --data fashion-mnist --method rigl --density 0.05 \\
+        --distribution erk --epochs 20 --batch-size 128 --lr 0.1 --seed 0 --out runs/example
+    sparsetrain train --config configs/cifar10_wrn22_rigl.yaml --resume runs/x
+    sparsetrain list                      # models, data sets and methods
+
+Every setting is a ``--option`` and a key of the YAML file given with ``--config``; options on
+the command line override the file. Errors in the input end the command with a one-line message
+and exit status 2; an interrupted run (Ctrl-C) writes a checkpoint and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .runner.config import (
+    ConfigError,
+    TrainConfig,
+    load_yaml,
+    make_config,
+    normalise_key,
+    unknown_key_error,
+)
+
+HELP = {
+    "model": "model name (see `sparsetrain list`)",
+    "data": "data set name (see `sparsetrain list`)",
+    "method": "sparse training method, 'dense', or pruning at initialisation (snip, grasp, "
+              "synflow)",
+    "density": "fraction of the sparsified weights kept, in (0, 1]",
+    "distribution": "layer densities: uniform, er or erk",
+    "width": "width multiplier of the model",
+    "dense_layers": "parameter names or glob patterns kept dense",
+    "delta_t": "steps between mask updates",
+    "alpha": "initial drop fraction of the mask updates",
+    "t_end": "fraction of training after which the mask stops changing",
+    "method_options": "extra keyword arguments of the method, as KEY=VALUE (repeatable)",
+    "prune_scope": "pruning at initialisation: global or layer",
+    "prune_iterations": "pruning at initialisation: rounds (SynFlow: 100 by default)",
+    "prune_batches": "pruning at initialisation: training batches used for the scores",
+    "lr_schedule": "cosine, step, multistep or constant",
+    "lr_milestones": "multistep: fractions of training (<= 1) or epochs",
+    "warmup_epochs": "linear learning-rate warm-up, in epochs",
+    "augment": "random crop and flip (default: on for 32x32 colour images)",
+    "train_size": "train on the first N training examples only",
+    "data_dir": "folder holding the data set files",
+    "data_options": "options of the data set, as KEY=VALUE (repeatable; e.g. synthetic's "
+                    "n_train=512)",
+    "device": "auto, cpu or cuda[:N]",
+    "checkpoint_every": "steps between checkpoints (0: only at epoch ends)",
+    "log_every": "steps between training-metrics lines",
+    "progress": "progress bar per epoch",
+    "out": "run folder (default: derived from the settings, under --runs-dir)",
+    "runs_dir": "where derived run folders go",
+}
+
+
+def _add_setting(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
+                                  help=HELP.get(f.name))
+    if "bool" in str(f.type):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif f.name in ("method_options", "data_options"):
+        parser.add_argument(flag[:-1], action="append", metavar="KEY=VALUE", **kwargs)
+    elif str(f.type).startswith("list"):
+        parser.add_argument(flag, nargs="*", metavar="VALUE", **kwargs)
+    else:
+        parser.add_argument(flag, metavar=f.name.upper(), **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # a one-line message and status 2, with a hint on options
+        if "unrecognized arguments" in message:
+            unknown = message.split(":", 1)[1].split()
+            for item in unknown:
+                if item.startswith("--"):
+                    name = normalise_key(item[2:].split("=", 1)[0])
+                    if name not in TrainConfig.keys():
+                        message = str(unknown_key_error(item, "the command line"))
+                        break
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsetrain", description="Train sparse neural networks.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser("train", help="train a model with a sparse training method",
+                                description="Train a model; every option is also a YAML key.")
+    train.add_argument("--config", type=Path, help="YAML file of settings")
+    train.add_argument("--resume", type=Path, metavar="RUN_FOLDER",
+                       help="continue the run in this folder from its checkpoint")
+    for f in dataclasses.fields(TrainConfig):
+        _add_setting(train, f)
+    commands.add_parser("list", help="list the models, data sets and methods")
+    return parser
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, Any]:
+    options = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{flag} takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The run's settings and whether to resume, from --config, --resume and the options."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if hasattr(args, f.name)}
+    for key in ("method_options", "data_options"):
+        if key in given:
+            given[key] = _key_values(given[key], "--" + key[:-1].replace("_", "-"))
+    layers = []
+    if args.resume is not None:
+        saved = args.resume / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"nothing to resume in {args.resume}: it has no config.yaml "
+                              "(is it a sparsetrain run folder?)")
+        if args.config is None:
+            layers.append(load_yaml(saved))  # the run's own settings, checked against the
+            # checkpoint's when the run is built: other settings are refused there
+        given["out"] = str(args.resume)
+    if args.config is not None:
+        layers.append(load_yaml(args.config))
+    layers.append(given)
+    return make_config(*layers), args.resume is not None
+
+
+def _list() -> int:
+    from .data import available_datasets
+    from .methods import available_methods
+    from .models import available_models
+    from .runner.config import PRUNE_AT_INIT_METHODS
+
+    print("models:   " + ", ".join(available_models()))
+    print("data:     " + ", ".join(available_datasets()))
+    print("methods:  dense, " + ", ".join(available_methods()) + " (dynamic and gradual), "
+          + ", ".join(PRUNE_AT_INIT_METHODS) + " (pruning at initialisation)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        return _list()
+    from .data import DataFileError
+    from .runner.train import Trainer, TrainingError, run_folder
+
+    try:
+        config, resume = resolve_config(args)
+        out = run_folder(config)
+        if not resume and (out / "checkpoint.pt").exists():
+            raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or "
+                              "pass another --out")
+        trainer = Trainer(config, out, resume=resume)
+        print(f"sparsetrain: {config.model} on {config.data} with {config.method} at density "
+              f"{config.density}, {config.epochs} epochs ({trainer.total_steps} steps) on "
+              f"{trainer.device}; run folder {out}", flush=True)
+        summary = trainer.train()
+    except (ConfigError, DataFileError, TrainingError, ValueError) as exc:
+        print(f"sparsetrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsetrain: stopped", file=sys.stderr)
+        return 130
+    return 0 if summary is not None else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

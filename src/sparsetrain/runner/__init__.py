@@ -1,0 +1,7 @@
+"""The experiment runner: settings, the training loop, checkpoints and exact resume."""
+
+from .config import ConfigError, TrainConfig, load_yaml, make_config
+from .train import Trainer, TrainingError, run_folder
+
+__all__ = ["ConfigError", "TrainConfig", "Trainer", "TrainingError", "load_yaml", "make_config",
+           "run_folder"]

@@ -1,0 +1,503 @@
+"""One training run: data, model, optimizer, sparsifier, the loop, metrics and checkpoints.
+
+The run folder holds ``config.yaml`` (the resolved settings), ``metrics.jsonl`` (one JSON
+object per line: training averages every ``log_every`` steps, a test evaluation every epoch),
+``checkpoint.pt`` (written atomically every ``checkpoint_every`` steps, at every epoch end and
+at the end) and ``summary.json`` when the run is finished.
+
+Exact resume: everything random is either saved (model, optimizer, sparsifier with its
+generator, torch's global RNG) or derived from the seed and the step (the order of the training
+examples in an epoch, the augmentation of each batch), so a run interrupted at any step and
+resumed ends with the same weights and masks, bit for bit, as one that ran straight through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..data import load_dataset
+from ..methods import get_method, make_sparsifier
+from ..methods.dst import Static
+from ..models import build_model
+from ..pruning import prune_at_init
+from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig, save_yaml
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+FORMAT = "sparsetrain-run"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message says what to change."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device here; "
+                          "use --device cpu")
+    return device
+
+
+def check_method(method: str) -> None:
+    if method == "dense" or method in PRUNE_AT_INIT_METHODS:
+        return
+    try:
+        get_method(method)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; or 'dense', or pruning at initialisation: "
+                          f"{', '.join(PRUNE_AT_INIT_METHODS)}") from None
+
+
+def _derived_seed(seed: int, *parts: int) -> int:
+    value = seed & 0xFFFFFFFF
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**63 - 1)
+    return value
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the ``n`` training examples in ``epoch``, a function of seed and epoch only."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_derived_seed(seed, 1, epoch)))
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of the augmentation of the batch of ``step``."""
+    return torch.Generator().manual_seed(_derived_seed(seed, 2, step))
+
+
+class LRSchedule:
+    """Learning rate of every step: linear warm-up, then cosine, step, multi-step or constant.
+
+    ``step`` and ``multistep`` count in epochs (``lr_step_epochs``; ``lr_milestones`` as
+    fractions of training when all are <= 1, else as epochs); cosine decays to 0 at the end.
+    """
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int, total_steps: int):
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+        milestones = list(config.lr_milestones)
+        if milestones and all(m <= 1 for m in milestones):
+            milestones = [m * config.epochs for m in milestones]
+        self.milestone_steps = sorted(int(round(m * steps_per_epoch)) for m in milestones)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the base learning rate for the optimizer step ``step`` (0-based)."""
+        c = self.config
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if c.lr_schedule == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * (step - self.warmup_steps) / span))
+        if c.lr_schedule == "step":
+            return c.lr_gamma ** (step // (c.lr_step_epochs * self.steps_per_epoch))
+        if c.lr_schedule == "multistep":
+            return c.lr_gamma ** sum(step >= m for m in self.milestone_steps)
+        return 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.config.lr_schedule, "warmup_steps": self.warmup_steps,
+                "milestone_steps": self.milestone_steps, "total_steps": self.total_steps}
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0,
+                               weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+@dataclass
+class RunState:
+    step: int = 0            # optimizer steps done
+    best_test_accuracy: float = 0.0
+    wall_time_s: float = 0.0
+    finished: bool = False
+    # sums over the steps since the last training-metrics line, so a resumed run logs the same
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Builds a run from a ``TrainConfig`` and trains it, resuming from ``out`` if asked."""
+
+    def __init__(self, config: TrainConfig, out: Path, *, resume: bool = False,
+                 log: Callable[[str], None] | None = None):
+        self.config = config
+        self.out = Path(out)
+        self.log = log or (lambda message: print(message, flush=True))
+        check_method(config.method)
+        self.device = resolve_device(config.device)
+        self.data = load_dataset(config.data, config.data_dir, **config.data_options)
+        n_train = len(self.data.train_y)
+        if config.train_size is not None:
+            n_train = min(n_train, config.train_size)
+        self.n_train = n_train
+        self.steps_per_epoch = math.ceil(n_train / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, num_classes=self.data.num_classes,
+                                 input_shape=tuple(self.data.input_shape), width=config.width)
+        self.model.to(self.device)
+        self.optimizer = make_optimizer(config, self.model)
+        self.schedule = LRSchedule(config, self.steps_per_epoch, self.total_steps)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.state = RunState()
+        self._stop_requested = False
+        checkpoint = self._load_checkpoint() if resume else None
+        self.sparsifier = self._make_sparsifier(pruned_masks=checkpoint is None)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    # --- building -------------------------------------------------------------------------
+    def _make_sparsifier(self, pruned_masks: bool):
+        c = self.config
+        common = dict(density=c.density, total_steps=self.total_steps,
+                      dense_layers=list(c.dense_layers), seed=c.seed)
+        if c.method == "dense":
+            return None
+        if c.method in PRUNE_AT_INIT_METHODS:
+            masks = None
+            if pruned_masks:  # on resume the checkpoint holds the masks
+                masks = self._prune_at_init()
+            return Static(self.model, self.optimizer, distribution=c.distribution, masks=masks,
+                          **common)
+        options: dict[str, Any] = dict(distribution=c.distribution, delta_t=c.delta_t)
+        if get_method(c.method).fixed_budget:
+            options.update(alpha=c.alpha, drop_fraction_decay=c.drop_fraction_decay,
+                           t_end=max(1, int(c.t_end * self.total_steps)))
+        options.update(c.method_options)
+        try:
+            return make_sparsifier(c.method, self.model, self.optimizer, **common, **options)
+        except TypeError as exc:
+            raise ConfigError(f"method {c.method!r} does not take these method_options: "
+                              f"{exc}") from None
+
+    def _prune_at_init(self):
+        c = self.config
+        order = epoch_order(self.n_train, c.seed, -1)
+        batches = []
+        for i in range(min(c.prune_batches, self.steps_per_epoch)):
+            idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+            x = self.data.prepare(self.data.train_x[idx], train=False)
+            batches.append((x.to(self.device), self.data.train_y[idx].to(self.device)))
+        iterations = c.prune_iterations or (100 if c.method == "synflow" else 1)
+        start = time.perf_counter()
+        masks = prune_at_init(
+            self.model, c.method, c.density, data=batches, scope=c.prune_scope,
+            iterations=iterations,
+            distribution=c.distribution if c.prune_scope == "layer" else None,
+            dense_layers=list(c.dense_layers), seed=c.seed,
+        )
+        self.log(f"{c.method}: pruned at initialisation to density {c.density} "
+                 f"({iterations} round(s), {time.perf_counter() - start:.1f} s)")
+        return masks
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def _checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": 1,
+            "config": self.config.semantic_dict(),
+            "run": dataclasses.asdict(self.state),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sparsifier": None if self.sparsifier is None else self.sparsifier.state_dict(),
+            "lr_schedule": self.schedule.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+        }
+
+    def save_checkpoint(self) -> None:
+        _atomic_save(self._checkpoint(), self.out / CHECKPOINT)
+
+    def _load_checkpoint(self) -> dict[str, Any]:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            raise ConfigError(f"nothing to resume in {self.out}: it has no {CHECKPOINT}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several kinds for damaged files
+            raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); it may be "
+                              "truncated or not a sparsetrain checkpoint") from None
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+            raise ConfigError(f"{path} is not a sparsetrain run checkpoint")
+        saved = checkpoint.get("config", {})
+        differs = sorted(k for k, v in self.config.semantic_dict().items() if saved.get(k) != v)
+        if differs:
+            details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {getattr(self.config, k)!r}"
+                                for k in differs)
+            raise ConfigError(f"{path} is from a different configuration ({details}); resume "
+                              "with the run's own settings or start a new run folder")
+        return checkpoint
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.sparsifier is not None:
+                self.sparsifier.load_state_dict(checkpoint["sparsifier"])
+            run = checkpoint["run"]
+            defaults = RunState()
+            self.state = RunState(**{f.name: type(getattr(defaults, f.name))(run[f.name])
+                                     for f in dataclasses.fields(RunState)})
+            torch.set_rng_state(checkpoint["torch_rng"])
+            if checkpoint.get("cuda_rng") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise ConfigError(f"checkpoint in {self.out} does not fit this run: {exc}") from None
+        self._truncate_metrics(self.state.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop the metrics lines logged after the checkpoint (they will be logged again)."""
+        path = self.out / METRICS
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+        path.write_text("".join(k + "\n" for k in kept))
+
+    # --- measuring ------------------------------------------------------------------------
+    def layer_densities(self) -> dict[str, float]:
+        if self.sparsifier is None:
+            from ..sparsity.targets import find_targets
+            return {t.name: 1.0 for t in find_targets(self.model)}
+        return self.sparsifier.layer_densities()
+
+    def density(self) -> float:
+        """Fraction of the sparsifiable weights that are active (dense layers count fully)."""
+        params = dict(self.model.named_parameters())
+        densities = self.layer_densities()
+        total = sum(params[n].numel() for n in densities)
+        return sum(d * params[n].numel() for n, d in densities.items()) / total
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy."""
+        self.model.eval()
+        correct, loss_sum, n = 0, 0.0, len(self.data.test_y)
+        for i in range(0, n, 1000):
+            x = self.data.prepare(self.data.test_x[i:i + 1000], train=False).to(self.device)
+            y = self.data.test_y[i:i + 1000].to(self.device)
+            out = self.model(x)
+            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        self.model.train()
+        return loss_sum / n, correct / n
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # --- training -------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Stop after the current step, with a checkpoint (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    @contextmanager
+    def _interrupt_handler(self):
+        """Ctrl-C finishes the current step and checkpoints; a second Ctrl-C stops at once."""
+        if threading_main():
+            previous = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self._stop_requested:
+                    signal.signal(signal.SIGINT, previous)
+                    raise KeyboardInterrupt
+                self._stop_requested = True
+                self.log("\ninterrupted: finishing this step and writing a checkpoint "
+                         "(Ctrl-C again to stop at once)")
+
+            signal.signal(signal.SIGINT, handler)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGINT, previous)
+        else:
+            yield
+
+    def train(self, on_step: Callable[["Trainer"], None] | None = None) -> dict[str, Any] | None:
+        """Train to the end; return the summary, or ``None`` if stopped early (checkpointed)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_yaml(self.config, self.out / CONFIG)
+        if self.state.finished:
+            self.log(f"{self.out} is already finished; nothing to do")
+            return json.loads((self.out / SUMMARY).read_text())
+        with self._interrupt_handler():
+            stopped = self._loop(on_step)
+        if stopped:
+            self.save_checkpoint()
+            self.log(f"stopped at step {self.state.step} of {self.total_steps}; checkpoint "
+                     f"written, continue with: sparsetrain train --resume {self.out}")
+            return None
+        return self._finish()
+
+    def _loop(self, on_step) -> bool:
+        c = self.config
+        progress = _progress_bar(c.progress)
+        s = self.state
+        start = time.perf_counter() - self.state.wall_time_s
+        while self.state.step < self.total_steps:
+            epoch, offset = divmod(self.state.step, self.steps_per_epoch)
+            order = epoch_order(self.n_train, c.seed, epoch)
+            bar = progress(total=self.steps_per_epoch, initial=offset,
+                           desc=f"epoch {epoch + 1}/{c.epochs}")
+            for i in range(offset, self.steps_per_epoch):
+                idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+                x = self.data.prepare(self.data.train_x[idx], train=True, augment=c.augment,
+                                      generator=batch_generator(c.seed, self.state.step))
+                x, y = x.to(self.device), self.data.train_y[idx].to(self.device)
+                lr = c.lr * self.schedule.factor(self.state.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.zero_grad(set_to_none=True)
+                out = self.model(x)
+                loss = self.loss_fn(out, y)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise TrainingError(
+                        f"the training loss became {float(loss.detach())} at step {self.state.step + 1} "
+                        f"(epoch {epoch + 1}); lower the learning rate (now {lr:.4g}) or add "
+                        f"warm-up (--warmup-epochs); the last good checkpoint is in {self.out}")
+                loss.backward()
+                (self.sparsifier or self.optimizer).step()
+                self.state.step += 1
+                s.loss_sum += float(loss.detach()) * len(y)
+                s.correct += int((out.argmax(1) == y).sum())
+                s.seen += len(y)
+                self.state.wall_time_s = time.perf_counter() - start
+                bar.update(1)
+                if self.state.step % c.log_every == 0:
+                    self._append_metrics({
+                        "kind": "train", "step": self.state.step,
+                        "epoch": self.state.step / self.steps_per_epoch,
+                        "loss": s.loss_sum / s.seen, "accuracy": s.correct / s.seen,
+                        "lr": lr, "density": self.density(),
+                        "wall_time_s": round(self.state.wall_time_s, 3),
+                    })
+                    bar.set_postfix(loss=f"{s.loss_sum / s.seen:.3f}")
+                    s.loss_sum, s.correct, s.seen = 0.0, 0, 0
+                if on_step is not None:
+                    on_step(self)
+                epoch_end = i == self.steps_per_epoch - 1
+                if epoch_end:
+                    self._end_epoch(epoch)
+                if self._stop_requested and self.state.step < self.total_steps:
+                    bar.close()
+                    return True
+                if epoch_end or (c.checkpoint_every and self.state.step % c.checkpoint_every == 0):
+                    self.save_checkpoint()
+            bar.close()
+        return False
+
+    def _end_epoch(self, epoch: int) -> None:
+        test_loss, test_acc = self.evaluate()
+        self.state.best_test_accuracy = max(self.state.best_test_accuracy, test_acc)
+        record = {
+            "kind": "eval", "step": self.state.step, "epoch": epoch + 1,
+            "test_loss": test_loss, "test_accuracy": test_acc,
+            "lr": self.optimizer.param_groups[0]["lr"], "density": self.density(),
+            "wall_time_s": round(self.state.wall_time_s, 3),
+        }
+        self._append_metrics(record)
+        self.log(f"epoch {epoch + 1}/{self.config.epochs}: test accuracy {test_acc:.4f}, "
+                 f"test loss {test_loss:.4f}, density {record['density']:.4f}")
+
+    def _finish(self) -> dict[str, Any]:
+        test_loss, test_acc = self.evaluate()
+        self.state.finished = True
+        summary = {
+            "test_accuracy": test_acc,
+            "best_test_accuracy": max(self.state.best_test_accuracy, test_acc),
+            "test_loss": test_loss,
+            "density": self.density(),
+            "method": self.config.method,
+            "model": self.config.model,
+            "data": self.config.data,
+            "epochs": self.config.epochs,
+            "steps": self.state.step,
+            "wall_time_s": round(self.state.wall_time_s, 3),
+            "layer_densities": self.layer_densities(),
+            "config": self.config.to_dict(),
+        }
+        _write_json(summary, self.out / SUMMARY)
+        self.save_checkpoint()
+        self.log(f"done: test accuracy {test_acc:.4f} (best {summary['best_test_accuracy']:.4f})"
+                 f", density {summary['density']:.4f}, {summary['wall_time_s']:.1f} s; "
+                 f"results in {self.out}")
+        return summary
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+class _NoBar:
+    def __init__(self, **_: Any):
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **_: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar
+    from tqdm import tqdm
+
+    def make(**kwargs):
+        return tqdm(leave=False, dynamic_ncols=True, **kwargs)
+
+    return make
+
+
+def run_folder(config: TrainConfig) -> Path:
+    """Where a run writes: ``out`` if given, else ``runs_dir / config.run_name()``."""
+    return Path(config.out) if config.out else Path(config.runs_dir) / config.run_name()
