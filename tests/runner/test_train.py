@@ -100,7 +100,8 @@ def test_interrupted_and_resumed_equals_straight_through(tmp_path, method, stop_
 
 
 def test_resume_with_augmentation_and_adam(tmp_path):
-    settings = dict(data="cifar10-sample", data_options={}, train_size=96, batch_size=32,
+    settings = dict(data_options=dict(SYNTHETIC, input_shape=[3, 32, 32]), train_size=96,
+                    batch_size=32,
                     epochs=2, augment=True, optimizer="adam", lr=1e-3, warmup_epochs=0.5,
                     label_smoothing=0.1)
     straight = Trainer(config(**settings), tmp_path / "a", log=quiet)
