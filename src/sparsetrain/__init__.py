@@ -8,6 +8,7 @@ Two lines in any training loop::
 """
 
 from . import data, models
+from .flops import FlopsReport, flops, training_flops_per_example
 from .methods import (
     GMP,
     SET,
@@ -40,6 +41,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DISTRIBUTIONS",
+    "FlopsReport",
+    "flops",
+    "training_flops_per_example",
     "data",
     "models",
     "DynamicSparsifier",

@@ -1,0 +1,238 @@
+"""FLOPs of a forward pass, dense or sparse, and the training FLOPs of each method.
+
+RigL paper, Appendix H, and ``shared/spec/algorithms.md`` ("Training FLOPs accounting"). A
+multiply-add counts as 2 FLOPs. ``flops(model, example_input, masks)`` runs one forward pass
+with hooks and counts, per layer, three kinds apart:
+
+- ``weights``: the multiply-adds with the weights (a sparsified layer costs its active weights
+  only: each active weight is used once per output position of a convolution or linear layer,
+  once per time step of a recurrent layer);
+- ``bias``: one addition per output element with a bias;
+- ``other``: activations (1 per element), normalisation (2 per element: scale and shift),
+  pooling (one per window element), attention's two products (2 FLOPs per multiply-add).
+
+Totals are per example (divided by the batch size of ``example_input``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
+                nn.Hardswish, nn.Hardtanh, nn.Softmax, nn.LogSoftmax, nn.Mish, nn.PReLU)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+@dataclass
+class LayerFlops:
+    weights: float = 0.0
+    bias: float = 0.0
+    other: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.bias + self.other
+
+
+@dataclass
+class FlopsReport:
+    """Forward FLOPs of one example, per module name and in total."""
+
+    layers: dict[str, LayerFlops] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> float:
+        return sum(f.weights for f in self.layers.values())
+
+    @property
+    def bias(self) -> float:
+        return sum(f.bias for f in self.layers.values())
+
+    @property
+    def other(self) -> float:
+        return sum(f.other for f in self.layers.values())
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.bias + self.other
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "weights": self.weights, "bias": self.bias,
+                "other": self.other,
+                "layers": {n: {"weights": f.weights, "bias": f.bias, "other": f.other}
+                           for n, f in self.layers.items()}}
+
+
+def _active(param: torch.Tensor, masks: Mapping[str, torch.Tensor], names: dict[int, str]) -> int:
+    name = names.get(id(param))
+    if name is not None and name in masks:
+        return int(masks[name].sum())
+    return param.numel()
+
+
+def _first_tensor(value):
+    if torch.is_tensor(value):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _count(module: nn.Module, inputs, output, masks, names) -> LayerFlops:
+    out = _first_tensor(output)
+    x = _first_tensor(inputs)
+    result = LayerFlops()
+    if out is None:
+        return result
+    if isinstance(module, nn.Linear):
+        positions = out.numel() // module.out_features
+        result.weights = 2 * _active(module.weight, masks, names) * positions
+        if module.bias is not None:
+            result.bias = out.numel()
+    elif isinstance(module, _CONVS):
+        positions = out.numel() // module.out_channels
+        result.weights = 2 * _active(module.weight, masks, names) * positions
+        if module.bias is not None:
+            result.bias = out.numel()
+    elif isinstance(module, _TRANSPOSED):
+        positions = x.numel() // module.in_channels
+        result.weights = 2 * _active(module.weight, masks, names) * positions
+        if module.bias is not None:
+            result.bias = out.numel()
+    elif isinstance(module, nn.RNNBase):
+        steps = x.shape[0 if not module.batch_first else 1] * (
+            x.shape[1 if not module.batch_first else 0] if x.dim() == 3 else 1)
+        for name, p in module.named_parameters(recurse=False):
+            if name.startswith("weight"):
+                result.weights += 2 * _active(p, masks, names) * steps
+            elif name.startswith("bias"):
+                result.bias += p.numel() * steps
+    elif isinstance(module, nn.MultiheadAttention):
+        query, key = inputs[0], inputs[1]
+        seq_dim = 1 if module.batch_first else 0
+        n = query.numel() // (query.shape[seq_dim] * query.shape[-1])  # batch size
+        lq, lk, e = query.shape[seq_dim], key.shape[seq_dim], module.embed_dim
+        if module.in_proj_weight is not None:
+            w = module.in_proj_weight
+            name = names.get(id(w))
+            mask = masks.get(name) if name is not None else None
+            rows = [mask[i * e:(i + 1) * e] if mask is not None else w[i * e:(i + 1) * e]
+                    for i in range(3)]
+            counts = [int(r.sum()) if mask is not None else r.numel() for r in rows]
+        else:
+            counts = [_active(getattr(module, f"{k}_proj_weight"), masks, names)
+                      for k in "qkv"]
+        result.weights = 2 * n * (counts[0] * lq + (counts[1] + counts[2]) * lk)
+        result.weights += 2 * n * _active(module.out_proj.weight, masks, names) * lq
+        if module.in_proj_bias is not None:
+            result.bias = n * e * (lq + 2 * lk)
+        if module.out_proj.bias is not None:
+            result.bias += n * e * lq
+        result.other = 2 * 2 * n * lq * lk * e + n * module.num_heads * lq * lk  # products, softmax
+    elif isinstance(module, _NORMS):
+        result.other = 2 * out.numel()
+    elif isinstance(module, _ACTIVATIONS):
+        result.other = out.numel()
+    elif isinstance(module, _POOLS):
+        kernel = module.kernel_size
+        size = math.prod(kernel) if isinstance(kernel, Sequence) else kernel ** (out.dim() - 2)
+        result.other = out.numel() * size
+    elif isinstance(module, _ADAPTIVE):
+        result.other = x.numel()
+    return result
+
+
+def _leaves(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) or not any(True for _ in module.children()):
+            yield name, module
+        elif isinstance(module, nn.RNNBase):
+            yield name, module
+
+
+@torch.no_grad()
+def flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tensor] | None = None
+          ) -> FlopsReport:
+    """Forward FLOPs of one example of ``example_input`` (a batch, or a tuple of inputs).
+
+    ``masks`` (name -> bool tensor, e.g. ``sparsifier.masks``) makes a sparsified layer cost its
+    active weights only. Functional operations outside modules (``torch.relu`` in ``forward``)
+    are not seen by the counting; the weight FLOPs, which dominate, are always exact.
+    """
+    masks = dict(masks or {})
+    names = {id(p): n for n, p in model.named_parameters()}
+    unknown = sorted(set(masks) - set(names.values()))
+    if unknown:
+        raise ValueError(f"masks name weights the model does not have: {unknown}")
+    report = FlopsReport()
+    inside_attention: set[int] = set()
+    for _, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            inside_attention.update(id(m) for m in module.modules() if m is not module)
+    handles = []
+    for name, module in _leaves(model):
+        if id(module) in inside_attention:
+            continue
+
+        def hook(mod, inputs, output, name=name):
+            counted = _count(mod, inputs, output, masks, names)
+            entry = report.layers.setdefault(name, LayerFlops())
+            entry.weights += counted.weights
+            entry.bias += counted.bias
+            entry.other += counted.other
+
+        handles.append(module.register_forward_hook(hook))
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    batch = _first_tensor(inputs).shape[0]
+    training = model.training
+    model.eval()
+    try:
+        model(*inputs)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    for entry in report.layers.values():
+        entry.weights /= batch
+        entry.bias /= batch
+        entry.other /= batch
+    return report
+
+
+def training_flops_per_example(method: str, f_dense: float, f_sparse: float, *,
+                               delta_t: int = 100) -> float:
+    """FLOPs of one training step per example (forward and backward, 3x the forward pass).
+
+    dense: ``3 f_D``; static, SET and pruning at initialisation: ``3 f_S``; SNFS: ``2 f_S + f_D``
+    (the dense gradient every step); RigL: ``(3 f_S delta_t + 2 f_S + f_D) / (delta_t + 1)``.
+    Gradual magnitude pruning changes its density: see ``gmp_training_flops``.
+    """
+    if method == "dense":
+        return 3 * f_dense
+    if method in ("static", "set", "snip", "grasp", "synflow", "random", "magnitude"):
+        return 3 * f_sparse
+    if method == "snfs":
+        return 2 * f_sparse + f_dense
+    if method == "rigl":
+        return (3 * f_sparse * delta_t + 2 * f_sparse + f_dense) / (delta_t + 1)
+    raise ValueError(f"no training FLOPs formula for method {method!r}")
+
+
+def gmp_training_flops(f_dense: float, densities: Sequence[float]) -> float:
+    """Training FLOPs per example of gradual magnitude pruning over steps whose weight densities
+    are ``densities``: ``sum_t 3 f_D (1 - s_t)``."""
+    return sum(3 * f_dense * d for d in densities)

@@ -1,0 +1,88 @@
+"""FLOPs against hand counts and the training formulas."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain as st
+from sparsetrain.flops import flops, gmp_training_flops, training_flops_per_example
+
+
+def lenet300():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100),
+                         nn.ReLU(), nn.Linear(100, 10))
+
+
+def test_lenet300_dense_by_hand():
+    report = flops(lenet300(), torch.zeros(5, 1, 28, 28))
+    assert report.weights == 2 * (784 * 300 + 300 * 100 + 100 * 10)
+    assert report.bias == 300 + 100 + 10
+    assert report.other == 300 + 100  # the two ReLUs
+    assert report.total == report.weights + report.bias + report.other
+
+
+def test_masks_count_active_weights_only():
+    torch.manual_seed(0)
+    model = lenet300()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = st.Static(model, opt, density=0.1, distribution="erk", total_steps=1)
+    report = flops(model, torch.zeros(1, 1, 28, 28), sp.masks)
+    assert report.weights == 2 * sum(int(m.sum()) for m in sp.masks.values())
+    assert report.bias == 410
+
+
+def test_convolutions_by_hand():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, groups=8, bias=False),
+                          nn.AdaptiveAvgPool2d(1))
+    report = flops(model, torch.zeros(2, 3, 16, 16))
+    conv1 = 2 * (8 * 3 * 9) * 16 * 16
+    depthwise = 2 * (8 * 1 * 9) * 6 * 6
+    assert report.layers["0"].weights == conv1 and report.layers["0"].bias == 8 * 16 * 16
+    assert report.layers["4"].weights == depthwise and report.layers["4"].bias == 0
+    assert report.layers["1"].other == 2 * 8 * 16 * 16
+    assert report.layers["3"].other == 8 * 8 * 8 * 4
+    assert report.layers["5"].other == 8 * 6 * 6
+
+
+def test_conv_mask():
+    conv = nn.Conv2d(2, 4, 3, bias=False)
+    mask = torch.zeros(4, 2, 3, 3, dtype=torch.bool)
+    mask[0, 0, 1, 1] = mask[3, 1, 0, 2] = True
+    model = nn.Sequential(conv)
+    report = flops(model, torch.zeros(1, 2, 7, 7), {"0.weight": mask})
+    assert report.weights == 2 * 2 * 5 * 5
+
+
+def test_lstm_and_attention():
+    lstm = nn.LSTM(6, 5, batch_first=True)
+    report = flops(lstm, torch.zeros(3, 7, 6))
+    assert report.weights == 2 * 7 * (4 * 5 * 6 + 4 * 5 * 5)
+    assert report.bias == 7 * 2 * 4 * 5
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.zeros(1, 5, 8)
+    report = flops(attention, (x, x, x))
+    assert report.weights == 2 * (3 * 8 * 8 * 5 + 8 * 8 * 5)
+    assert report.other == 2 * 2 * 5 * 5 * 8 + 2 * 5 * 5
+
+
+def test_model_mode_is_kept_and_bad_masks():
+    model = lenet300().train()
+    flops(model, torch.zeros(1, 784))
+    assert model.training
+    with pytest.raises(ValueError, match="does not have"):
+        flops(model, torch.zeros(1, 784), {"nope.weight": torch.ones(1, dtype=torch.bool)})
+
+
+def test_training_formulas():
+    fd, fs = 100.0, 10.0
+    assert training_flops_per_example("dense", fd, fs) == 300
+    assert training_flops_per_example("static", fd, fs) == 30
+    assert training_flops_per_example("snip", fd, fs) == 30
+    assert training_flops_per_example("set", fd, fs) == 30
+    assert training_flops_per_example("snfs", fd, fs) == 120
+    assert training_flops_per_example("rigl", fd, fs, delta_t=100) == pytest.approx(
+        (3 * 10 * 100 + 2 * 10 + 100) / 101)
+    assert gmp_training_flops(fd, [1.0, 0.5, 0.1]) == pytest.approx(3 * 100 * 1.6)
+    with pytest.raises(ValueError, match="no training FLOPs formula"):
+        training_flops_per_example("lottery", fd, fs)
