@@ -177,3 +177,28 @@ def test_schedules():
     assert cos.factor(0) == 1.0 and abs(cos.factor(20) - 0.5) < 1e-9
     step = LRSchedule(config(lr_schedule="step", lr_step_epochs=1, epochs=4), 10, 40)
     assert [step.factor(t) for t in (9, 10, 25)] == [1.0, 0.1, pytest.approx(0.01)]
+
+
+def test_flops_and_ever_active_in_the_summary(tmp_path):
+    summaries = {m: Trainer(config(method=m), tmp_path / m, log=quiet).train()
+                 for m in ("dense", "static", "rigl", "snfs", "small-dense")}
+    dense, static, rigl = summaries["dense"], summaries["static"], summaries["rigl"]
+    assert dense["train_flops_vs_dense"] == pytest.approx(1.0)
+    assert dense["inference_flops_vs_dense"] == 1.0
+    examples = 200 * 3
+    assert static["train_flops"] == pytest.approx(3 * static["inference_flops"] * examples)
+    assert 0.15 < static["inference_flops_vs_dense"] < 0.25
+    assert static["ever_active_fraction"] == pytest.approx(static["density"], abs=1e-6)
+    assert rigl["ever_active_fraction"] > rigl["density"] + 0.01
+    # RigL pays a dense gradient at its few update steps; SNFS at every step
+    assert static["train_flops_vs_dense"] < rigl["train_flops_vs_dense"] < \
+        summaries["snfs"]["train_flops_vs_dense"]
+    small = summaries["small-dense"]
+    assert small["width"] < 0.35 and small["density"] == 1.0
+    model = Trainer(config(method="small-dense"), tmp_path / "x", log=quiet).model
+    from sparsetrain.models import count_parameters
+    sparse_nonzeros = sum(int(m.sum()) for m in
+                          Trainer(config(method="static"), tmp_path / "y", log=quiet)
+                          .sparsifier.masks.values())
+    assert abs(count_parameters(model, sparsifiable_only=True) - sparse_nonzeros) < 0.05 * \
+        sparse_nonzeros

@@ -32,9 +32,12 @@ from ..data import load_dataset
 from ..methods import get_method, make_sparsifier
 from ..methods.dst import Static
 from ..models import build_model
-from ..pruning import prune_at_init
+from ..flops import flops, training_flops_per_example
+from ..pruning import prune_at_init, small_dense_width
+from ..sparsity.targets import partition
 from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig, save_yaml
 
+SMALL_DENSE = "small-dense"
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -57,12 +60,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_method(method: str) -> None:
-    if method == "dense" or method in PRUNE_AT_INIT_METHODS:
+    if method in ("dense", SMALL_DENSE) or method in PRUNE_AT_INIT_METHODS:
         return
     try:
         get_method(method)
     except ValueError as exc:
-        raise ConfigError(f"{exc}; or 'dense', or pruning at initialisation: "
+        raise ConfigError(f"{exc}; or 'dense', 'small-dense', or pruning at initialisation: "
                           f"{', '.join(PRUNE_AT_INIT_METHODS)}") from None
 
 
@@ -138,6 +141,8 @@ class RunState:
     loss_sum: float = 0.0
     correct: int = 0
     seen: int = 0
+    train_flops: float = 0.0  # training FLOPs so far (RigL paper, Appendix H)
+    examples: int = 0         # training examples seen
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -169,9 +174,9 @@ class Trainer:
         self.n_train = n_train
         self.steps_per_epoch = math.ceil(n_train / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
+        self.width = self._small_dense_width() if config.method == SMALL_DENSE else config.width
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, num_classes=self.data.num_classes,
-                                 input_shape=tuple(self.data.input_shape), width=config.width)
+        self.model = self._build(self.width)
         self.model.to(self.device)
         self.optimizer = make_optimizer(config, self.model)
         self.schedule = LRSchedule(config, self.steps_per_epoch, self.total_steps)
@@ -180,15 +185,59 @@ class Trainer:
         self._stop_requested = False
         checkpoint = self._load_checkpoint() if resume else None
         self.sparsifier = self._make_sparsifier(pruned_masks=checkpoint is None)
+        self._example = self.data.prepare(self.data.train_x[:1], train=False).to(self.device)
+        reference = self.model if config.method != SMALL_DENSE else self._build(config.width)
+        self.dense_flops = flops(reference.to(self.device), self._example).total
+        self.ever_active = {n: m.clone() for n, m in self._masks().items()}
         if checkpoint is not None:
             self._restore(checkpoint)
+        self.sparse_flops = self._current_flops()
+
+    def _build(self, width: float) -> nn.Module:
+        c = self.config
+        return build_model(c.model, num_classes=self.data.num_classes,
+                           input_shape=tuple(self.data.input_shape), width=width)
+
+    def _small_dense_width(self) -> float:
+        """The width at which the dense model has as many weights as the sparse one keeps."""
+        c = self.config
+        model = self._build(c.width)
+        sparse, dense = partition(model, list(c.dense_layers))
+        target = round(c.density * sum(t.numel for t in sparse)) + sum(t.numel for t in dense)
+        result = small_dense_width(self._build, target, low=0.01 * c.width, high=c.width)
+        self.log(f"small-dense: width {result.width:.4g} has {result.params} sparsifiable "
+                 f"weights (the sparse model keeps {target})")
+        return result.width
+
+    def _masks(self) -> dict[str, torch.Tensor]:
+        return {} if self.sparsifier is None else self.sparsifier.masks
+
+    def _current_flops(self) -> float:
+        return flops(self.model, self._example, self._masks()).total
+
+    def _step_flops(self) -> float:
+        """Training FLOPs per example of the step just taken (RigL paper, Appendix H)."""
+        c = self.config
+        if self.sparsifier is None:
+            return training_flops_per_example("dense", self.sparse_flops, self.sparse_flops)
+        if c.method == "gmp" or c.method in PRUNE_AT_INIT_METHODS or c.method == "static":
+            return 3 * self.sparse_flops
+        return training_flops_per_example(c.method, self.dense_flops, self.sparse_flops,
+                                          delta_t=c.delta_t)
+
+    def ever_active_fraction(self) -> float:
+        """Fraction of the sparsified weights that have been active at some point."""
+        if not self.ever_active:
+            return 1.0
+        return (sum(int(m.sum()) for m in self.ever_active.values())
+                / sum(m.numel() for m in self.ever_active.values()))
 
     # --- building -------------------------------------------------------------------------
     def _make_sparsifier(self, pruned_masks: bool):
         c = self.config
         common = dict(density=c.density, total_steps=self.total_steps,
                       dense_layers=list(c.dense_layers), seed=c.seed)
-        if c.method == "dense":
+        if c.method in ("dense", SMALL_DENSE):
             return None
         if c.method in PRUNE_AT_INIT_METHODS:
             masks = None
@@ -237,6 +286,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "sparsifier": None if self.sparsifier is None else self.sparsifier.state_dict(),
+            "ever_active": {n: m.cpu() for n, m in self.ever_active.items()},
             "lr_schedule": self.schedule.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
@@ -276,6 +326,8 @@ class Trainer:
             defaults = RunState()
             self.state = RunState(**{f.name: type(getattr(defaults, f.name))(run[f.name])
                                      for f in dataclasses.fields(RunState)})
+            self.ever_active = {n: m.to(self.device)
+                                for n, m in checkpoint.get("ever_active", {}).items()}
             torch.set_rng_state(checkpoint["torch_rng"])
             if checkpoint.get("cuda_rng") and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
@@ -402,6 +454,12 @@ class Trainer:
                 loss.backward()
                 (self.sparsifier or self.optimizer).step()
                 self.state.step += 1
+                s.train_flops += self._step_flops() * len(y)
+                s.examples += len(y)
+                if self.sparsifier is not None and self.sparsifier.is_update_step(s.step):
+                    self.sparse_flops = self._current_flops()
+                    for name, mask in self.sparsifier.masks.items():
+                        self.ever_active[name] |= mask
                 s.loss_sum += float(loss.detach()) * len(y)
                 s.correct += int((out.argmax(1) == y).sum())
                 s.seen += len(y)
@@ -437,6 +495,7 @@ class Trainer:
             "kind": "eval", "step": self.state.step, "epoch": epoch + 1,
             "test_loss": test_loss, "test_accuracy": test_acc,
             "lr": self.optimizer.param_groups[0]["lr"], "density": self.density(),
+            "ever_active": self.ever_active_fraction(),
             "wall_time_s": round(self.state.wall_time_s, 3),
         }
         self._append_metrics(record)
@@ -444,6 +503,7 @@ class Trainer:
                  f"test loss {test_loss:.4f}, density {record['density']:.4f}")
 
     def _finish(self) -> dict[str, Any]:
+        s = self.state
         test_loss, test_acc = self.evaluate()
         self.state.finished = True
         summary = {
@@ -458,6 +518,13 @@ class Trainer:
             "steps": self.state.step,
             "wall_time_s": round(self.state.wall_time_s, 3),
             "layer_densities": self.layer_densities(),
+            "width": self.width,
+            "train_flops": s.train_flops,
+            "train_flops_vs_dense": s.train_flops / (3 * self.dense_flops * max(1, s.examples)),
+            "inference_flops": self.sparse_flops,
+            "inference_flops_vs_dense": self.sparse_flops / self.dense_flops,
+            "ever_active_fraction": self.ever_active_fraction(),
+            "flops_note": "a multiply-add counts as 2 FLOPs; per example",
             "config": self.config.to_dict(),
         }
         _write_json(summary, self.out / SUMMARY)
