@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from .runner.sweep import PRESETS
 from .runner.config import (
     ConfigError,
     TrainConfig,
@@ -99,6 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in this folder from its checkpoint")
     for f in dataclasses.fields(TrainConfig):
         _add_setting(train, f)
+    sweep = commands.add_parser(
+        "sweep", help="train a grid of runs, then write a report",
+        description="Train every cell of a grid (finished cells are skipped), then report. "
+                    "Training options given here are shared by every cell.")
+    sweep.add_argument("--config", type=Path, help="YAML sweep file with 'base' and 'grid'")
+    sweep.add_argument("--preset", choices=sorted(PRESETS), help="a ready-made sweep")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a setting and its values (repeatable)")
+    sweep.add_argument("--sweep-dir", type=Path, default=None,
+                       help="folder of the runs (default: runs/sweep-<preset or file name>)")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs trained in parallel")
+    sweep.add_argument("--report-dir", type=Path, default=None,
+                       help="where the report goes (default: <sweep-dir>/report)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("out", "runs_dir"):
+            _add_setting(sweep, f)
+    report = commands.add_parser("report", help="write a report of finished runs")
+    report.add_argument("runs", nargs="+", type=Path, help="run folders or folders of runs")
+    report.add_argument("--out", type=Path, default=Path("reports/latest"))
+    report.add_argument("--title", default=None)
     commands.add_parser("list", help="list the models, data sets and methods")
     return parser
 
@@ -115,11 +136,7 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
 
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """The run's settings and whether to resume, from --config, --resume and the options."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if hasattr(args, f.name)}
-    for key in ("method_options", "data_options"):
-        if key in given:
-            given[key] = _key_values(given[key], "--" + key[:-1].replace("_", "-"))
+    given = _given_settings(args)
     layers = []
     if args.resume is not None:
         saved = args.resume / "config.yaml"
@@ -134,6 +151,60 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         layers.append(load_yaml(args.config))
     layers.append(given)
     return make_config(*layers), args.resume is not None
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if hasattr(args, f.name)}
+    for key in ("method_options", "data_options"):
+        if key in given:
+            given[key] = _key_values(given[key], "--" + key[:-1].replace("_", "-"))
+    return given
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .runner.report import format_table, summarise, collect_runs, write_report
+    from .runner.sweep import expand_grid, load_sweep_file, run_sweep
+
+    base: dict[str, Any] = {}
+    grid: dict[str, Any] = {}
+    name = "grid"
+    if args.preset:
+        base, grid = dict(PRESETS[args.preset]["base"]), dict(PRESETS[args.preset]["grid"])
+        name = args.preset
+    if args.config:
+        file_base, file_grid = load_sweep_file(args.config)
+        base.update(file_base)
+        grid.update(file_grid)
+        name = args.config.stem
+    base.update(_given_settings(args))
+    for item in args.grid:
+        if "=" not in item:
+            raise ConfigError(f"--grid takes KEY=V1,V2,..., got {item!r}")
+        key, values = item.split("=", 1)
+        grid[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+    if not grid:
+        raise ConfigError("nothing to sweep: give --preset, --config or --grid KEY=V1,V2")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    cells = expand_grid(base, grid)
+    sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{name}"
+    folders = run_sweep(cells, sweep_dir, jobs=args.jobs)
+    report_dir = args.report_dir or sweep_dir / "report"
+    path = write_report(folders, report_dir, title=f"Sweep {name}")
+    print("\n" + format_table(summarise(collect_runs(folders))))
+    print(f"\nreport written to {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .runner.report import format_table, summarise, collect_runs, write_report
+
+    runs = collect_runs(args.runs)
+    path = write_report(args.runs, args.out, title=args.title)
+    print(format_table(summarise(runs)))
+    print(f"\nreport written to {path}")
+    return 0
 
 
 def _list() -> int:
@@ -158,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner.train import Trainer, TrainingError, run_folder
 
     try:
+        if args.command in ("sweep", "report"):
+            return _sweep(args) if args.command == "sweep" else _report(args)
         config, resume = resolve_config(args)
         out = run_folder(config)
         if not resume and (out / "checkpoint.pt").exists():

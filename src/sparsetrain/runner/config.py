@@ -7,6 +7,7 @@ and ``--resume`` refuses a folder whose saved settings differ from the ones aske
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import difflib
 import math
 import re
@@ -96,7 +97,10 @@ class TrainConfig:
             value = getattr(self, key)
             if value != getattr(default, key):
                 parts.append(f"{key}{_short(value)}")
-        return re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts))[:200]
+        name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(parts))
+        if len(name) > 150:  # keep folder names short and still distinct
+            name = name[:140] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        return name
 
 
 def _plain(value: Any) -> Any:

@@ -414,7 +414,9 @@ class Trainer:
         save_yaml(self.config, self.out / CONFIG)
         if self.state.finished:
             self.log(f"{self.out} is already finished; nothing to do")
-            return json.loads((self.out / SUMMARY).read_text())
+            if (self.out / SUMMARY).is_file():
+                return json.loads((self.out / SUMMARY).read_text())
+            return self._finish()  # the summary was lost: write it again from the final state
         with self._interrupt_handler():
             stopped = self._loop(on_step)
         if stopped:

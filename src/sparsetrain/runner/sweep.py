@@ -1,0 +1,140 @@
+"""Sweeps: a grid of training runs (methods x densities x distributions x seeds x ...).
+
+Each cell of the grid is one ``sparsetrain train`` run in its own folder under the sweep
+folder, named from its settings. Finished cells (with a ``summary.json``) are skipped and
+interrupted ones resumed from their checkpoint, so running a sweep again continues it.
+``jobs > 1`` trains cells in parallel processes.
+
+A sweep file is YAML with two mappings, ``base`` (settings shared by every cell) and ``grid``
+(setting -> list of values)::
+
+    base: {model: lenet300, data: fashion-mnist, epochs: 10, distribution: erk}
+    grid: {method: [dense, static, rigl], density: [0.1, 0.05], seed: [0, 1]}
+
+Dense training does not depend on the density or the distribution: its cells are merged.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import itertools
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from .config import ConfigError, TrainConfig, make_config, normalise_key, unknown_key_error
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The README's main job: about 6 minutes on 2 CPU cores.
+    "fashion-mnist": {
+        "base": {"model": "lenet300", "data": "fashion-mnist", "distribution": "erk",
+                 "epochs": 10, "batch_size": 128, "lr": 0.05, "lr_schedule": "cosine",
+                 "delta_t": 100, "progress": False},
+        "grid": {"method": ["dense", "small-dense", "static", "snip", "grasp", "set", "rigl",
+                            "gmp"],
+                 "density": [0.1, 0.05, 0.02], "seed": [0]},
+    },
+    # The RigL paper's CIFAR-10 setting (WRN-22-2, 80% and 90% sparsity) and the GraSP paper's
+    # VGG19 and ResNet32 at 90-98%: for a machine with a GPU and the CIFAR-10 batches in
+    # data/cifar-10-batches-py.
+    "paper-cifar10": {
+        "base": {"data": "cifar10", "data_dir": "data", "epochs": 200, "batch_size": 128,
+                 "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5.0e-4,
+                 "lr_schedule": "multistep", "lr_milestones": [0.3, 0.6, 0.8],
+                 "lr_gamma": 0.2, "warmup_epochs": 1, "distribution": "erk"},
+        "grid": {"model": ["wrn-22-2", "vgg19", "resnet32"],
+                 "method": ["dense", "small-dense", "static", "snip", "grasp", "set", "rigl",
+                            "gmp"],
+                 "density": [0.2, 0.1, 0.05, 0.02], "seed": [0, 1, 2]},
+    },
+}
+
+
+def load_sweep_file(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, Mapping) or set(raw) - {"base", "grid"}:
+        raise ConfigError(f"sweep file {path} must be a mapping with the keys 'base' and 'grid'")
+    return dict(raw.get("base") or {}), dict(raw.get("grid") or {})
+
+
+def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Any]) -> list[TrainConfig]:
+    """The checked settings of every cell, dense cells merged, in grid order."""
+    keys = []
+    for key, values in grid.items():
+        name = normalise_key(key)
+        if name not in TrainConfig.keys():
+            raise unknown_key_error(key, "the sweep grid")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"grid entry {key!r} must be a non-empty list of values")
+        keys.append(name)
+    cells, seen = [], set()
+    for combination in itertools.product(*(grid[k] for k in grid)):
+        settings = dict(base)
+        settings.update(zip(keys, combination))
+        if settings.get("method") == "dense":
+            settings.update(density=1.0, distribution=TrainConfig.distribution)
+        config = make_config(settings)
+        key = config.run_name()
+        if key not in seen:
+            seen.add(key)
+            cells.append(config)
+    return cells
+
+
+def _run_cell(settings: dict[str, Any], out: str, threads: int | None) -> dict[str, Any]:
+    import torch
+
+    from .train import CHECKPOINT, Trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    folder = Path(out)
+    log_path = folder / "train.log"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        trainer = Trainer(make_config(settings), folder,
+                          resume=(folder / CHECKPOINT).exists(),
+                          log=lambda m: print(m, file=log, flush=True))
+        summary = trainer.train()
+    if summary is None:
+        raise KeyboardInterrupt
+    return summary
+
+
+def run_sweep(cells: list[TrainConfig], out_dir: str | Path, *, jobs: int = 1,
+              log: Callable[[str], None] = print) -> list[Path]:
+    """Train every cell not finished yet; return the run folders of all cells."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folders = [out_dir / c.run_name() for c in cells]
+    todo = [(c, f) for c, f in zip(cells, folders) if not (f / "summary.json").exists()]
+    log(f"sweep: {len(cells)} runs, {len(cells) - len(todo)} already finished, "
+        f"{len(todo)} to train, {jobs} at a time; folder {out_dir}")
+    if not todo:
+        return folders
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+    def done(config: TrainConfig, folder: Path, summary: dict[str, Any]) -> None:
+        log(f"  {folder.name}: test accuracy {summary['test_accuracy']:.4f}, density "
+            f"{summary['density']:.4f}, {summary['wall_time_s']:.0f} s")
+
+    if jobs <= 1:
+        for config, folder in todo:
+            done(config, folder, _run_cell(config.to_dict(), str(folder), None))
+        return folders
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        running = {pool.submit(_run_cell, c.to_dict(), str(f), threads): (c, f) for c, f in todo}
+        for future in futures.as_completed(running):
+            config, folder = running[future]
+            done(config, folder, future.result())
+    return folders
