@@ -68,7 +68,7 @@ def test_run_name_lists_the_non_default_settings():
     name = config.run_name()
     assert name.startswith("lenet300_synthetic_set")
     assert "density0.05" in name and "epochs3" in name and "device" not in name
-    assert make_config(BASE).run_name() == "lenet300_synthetic_rigl"
+    assert make_config(BASE).run_name() == "lenet300_synthetic_rigl_density0.1"
 
 
 def test_shipped_configs_are_valid():

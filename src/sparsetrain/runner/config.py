@@ -90,9 +90,9 @@ class TrainConfig:
     def run_name(self) -> str:
         """A folder name from the model, data, method and every other non-default setting."""
         default = TrainConfig()
-        parts = [str(self.model), str(self.data), self.method]
+        parts = [str(self.model), str(self.data), self.method, f"density{self.density}"]
         for key in self.keys():
-            if key in ("model", "data", "method") or key in self.NON_SEMANTIC:
+            if key in ("model", "data", "method", "density") or key in self.NON_SEMANTIC:
                 continue
             value = getattr(self, key)
             if value != getattr(default, key):
