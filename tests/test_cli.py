@@ -103,3 +103,20 @@ def test_console_script(tmp_path):
     module = subprocess.run([sys.executable, "-m", "sparsetrain", "train", "--model", "x"],
                             capture_output=True, text=True, timeout=120)
     assert module.returncode == 2 and "Traceback" not in module.stderr
+
+
+def test_sweep_and_report(tmp_path, capsys):
+    args = ["sweep", "--model", "lenet300", "--data", "synthetic", "--data-option", "n_train=64",
+            "--data-option", "n_test=16", "--epochs", "1", "--batch-size", "32", "--no-progress",
+            "--grid", "method=dense,static,rigl", "--grid", "density=0.5,0.2",
+            "--sweep-dir", str(tmp_path / "sweep")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| rigl | erk | 0.2 |" in out and "report written" in out
+    assert (tmp_path / "sweep" / "report" / "report.html").exists()
+    assert main(args) == 0
+    assert "5 already finished, 0 to train" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.md").exists()
+    assert main(["sweep", "--model", "lenet300"]) == 2
+    assert "nothing to sweep" in capsys.readouterr().err
