@@ -181,12 +181,16 @@ def _idx_folder(name: str, data_dir: Path | None, allow_download: bool) -> Path:
     return CACHE / name
 
 
-def _idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_split(folder: Path, split: str, hint: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of ``split`` ("train" or "test") from the IDX files in ``folder``."""
+    if split not in _IDX_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
     def find(stem):
         for candidate in (folder / f"{stem}.gz", folder / stem):
             if candidate.is_file():
                 return candidate
-        raise DataFileError(f"{folder / stem}[.gz] not found")
+        raise DataFileError(f"{folder / stem}[.gz] not found{hint}")
 
     images, labels = (read_idx(find(s)) for s in _IDX_FILES[split])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -197,7 +201,7 @@ def _idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_idx(name: str, data_dir: Path | None, download: bool) -> Dataset:
     folder = _idx_folder(name, data_dir, download)
-    (xtr, ytr), (xte, yte) = (_idx_split(folder, s) for s in ("train", "test"))
+    (xtr, ytr), (xte, yte) = (read_idx_split(folder, s) for s in ("train", "test"))
     return _make(name, torch.from_numpy(xtr.copy()).unsqueeze(1), ytr,
                  torch.from_numpy(xte.copy()).unsqueeze(1), yte, 10)
 

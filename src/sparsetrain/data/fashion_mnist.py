@@ -11,29 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .idx import DataFileError, read_idx
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+from .datasets import DEBIAN_FASHION_MNIST as FASHION_MNIST_DIR
+from .datasets import read_idx_split
+from .idx import DataFileError
 CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 # Mean and standard deviation of the training pixels scaled to [0, 1].
 MEAN, STD = 0.2860, 0.3530
-
-
-def _find(root: Path, stem: str) -> Path:
-    for name in (stem + ".gz", stem):
-        if (root / name).is_file():
-            return root / name
-    raise DataFileError(
-        f"Fashion-MNIST file {stem}[.gz] not found in {root}; on Debian install it with "
-        "'apt-get install dataset-fashion-mnist', or pass the folder holding the IDX files"
-    )
 
 
 def load_fashion_mnist(
@@ -44,16 +30,10 @@ def load_fashion_mnist(
     With ``normalize`` the pixels are scaled to [0, 1] and standardised with the training
     set's mean and standard deviation.
     """
-    if split not in _FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root)
-    images = read_idx(_find(root, _FILES[split][0]))
-    labels = read_idx(_find(root, _FILES[split][1]))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataFileError(
-            f"Fashion-MNIST {split} files in {root} do not fit together: images "
-            f"{images.shape}, labels {labels.shape}"
-        )
+    images, labels = read_idx_split(
+        root, split, "; on Debian install it with 'apt-get install dataset-fashion-mnist', or "
+        "pass the folder holding the IDX files")
     if labels.size and int(labels.max()) >= len(CLASSES):
         raise DataFileError(f"Fashion-MNIST {split} labels in {root} go beyond 9")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)

@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from ..methods.dst import Static
 from ..models import build_model
 from ..flops import flops, training_flops_per_example
 from ..pruning import prune_at_init, small_dense_width
-from ..sparsity.targets import partition
+from ..sparsity.targets import find_targets, partition
 from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig, save_yaml
 
 SMALL_DENSE = "small-dense"
@@ -220,7 +221,7 @@ class Trainer:
         c = self.config
         if self.sparsifier is None:
             return training_flops_per_example("dense", self.sparse_flops, self.sparse_flops)
-        if c.method == "gmp" or c.method in PRUNE_AT_INIT_METHODS or c.method == "static":
+        if c.method == "gmp":  # its density changes: the cost of the masks of the moment
             return 3 * self.sparse_flops
         return training_flops_per_example(c.method, self.dense_flops, self.sparse_flops,
                                           delta_t=c.delta_t)
@@ -352,7 +353,6 @@ class Trainer:
     # --- measuring ------------------------------------------------------------------------
     def layer_densities(self) -> dict[str, float]:
         if self.sparsifier is None:
-            from ..sparsity.targets import find_targets
             return {t.name: 1.0 for t in find_targets(self.model)}
         return self.sparsifier.layer_densities()
 
@@ -389,7 +389,7 @@ class Trainer:
     @contextmanager
     def _interrupt_handler(self):
         """Ctrl-C finishes the current step and checkpoints; a second Ctrl-C stops at once."""
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():
             previous = signal.getsignal(signal.SIGINT)
 
             def handler(signum, frame):
@@ -535,11 +535,6 @@ class Trainer:
                  f", density {summary['density']:.4f}, {summary['wall_time_s']:.1f} s; "
                  f"results in {self.out}")
         return summary
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 class _NoBar:
