@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import write_result
 from torch import nn
 
 import sparsetrain as st
@@ -165,10 +166,7 @@ def main(argv=None) -> int:
         "training epoch:",
         lambda acc, s, dens: f"{s:.2f} ({s / epoch_s:.3f})",
     )
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_result(lines, args.out)
     return 0
 
 

@@ -21,4 +21,6 @@ fi
 echo "setup: installing torch (CPU build) and sparsetrain into .venv"
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+echo "setup: building the compiled CSR kernels (g++, OpenMP; torch's own ops are used if this fails)"
+.venv/bin/python -c "from sparsetrain.backends.csr import compiled_kernels; print('setup: CSR kernels', 'built' if compiled_kernels() else 'not available')" || true
 .venv/bin/python -c "import sparsetrain, torch; print('setup: sparsetrain', sparsetrain.__version__, 'with torch', torch.__version__)"

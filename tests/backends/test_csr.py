@@ -4,7 +4,18 @@ import pytest
 import torch
 from torch import nn
 
+import sparsetrain.backends.csr as csr_module
 from sparsetrain.backends.csr import CSRLinear, _CSRLinearFunction, csr_structure
+
+
+@pytest.fixture(params=["compiled", "torch"], autouse=True)
+def kernels(request, monkeypatch):
+    """Every test runs with the compiled kernels (where they build) and with torch's ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(csr_module, "_KERNELS", False)
+    elif csr_module.compiled_kernels() is None:
+        pytest.skip("the compiled CSR kernels cannot be built here")
+    return request.param
 
 
 def layer(out_f=6, in_f=9, density=0.4, seed=0):

@@ -16,6 +16,8 @@ Standard torch optimizers work on the values parameter unchanged.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,13 +30,47 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> 
                                        device=values.device, check_invariants=False)
 
 
+_KERNELS: Any = None
+
+
+def compiled_kernels():
+    """The OpenMP CSR kernels (built with the machine's g++ on first use and cached by torch),
+    or ``None`` where they cannot be built: then torch's own sparse operations are used."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = Path(__file__).with_name("csrc") / "csr_kernels.cpp"
+            _KERNELS = load("sparsetrain_csr", [str(source)],
+                            extra_cflags=["-O3", "-fopenmp", "-march=native"],
+                            extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as exc:  # no compiler, no headers, a failed build: fall back
+            warnings.warn(f"sparsetrain: the compiled CSR kernels are not available ({exc}); "
+                          "using torch's sparse operations, which are slower", RuntimeWarning,
+                          stacklevel=2)
+            _KERNELS = False
+    return _KERNELS or None
+
+
+def _use_kernels(x: torch.Tensor, values: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == values.dtype
+            and x.dtype in (torch.float32, torch.float64) and compiled_kernels() is not None)
+
+
 class _CSRLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, crow, col, t_crow, t_col, t_perm, shape):
+        ctx.kernels = _use_kernels(x, values)
+        ctx.shape = shape
+        if ctx.kernels:  # features x batch layout: unit stride over the batch
+            x_t = x.t().contiguous()
+            y = compiled_kernels().csr_spmm(crow, col, values.contiguous(), x_t, shape[0]).t()
+            ctx.save_for_backward(x_t, values, crow, col, t_crow, t_col, t_perm)
+            return y
         weight = _csr(crow, col, values, shape)
         y = (weight @ x.t()).t()
         ctx.save_for_backward(x, values, crow, col, t_crow, t_col, t_perm)
-        ctx.shape = shape
         return y
 
     @staticmethod
@@ -42,6 +78,15 @@ class _CSRLinearFunction(torch.autograd.Function):
         x, values, crow, col, t_crow, t_col, t_perm = ctx.saved_tensors
         out_features, in_features = ctx.shape
         grad_x = grad_values = None
+        if ctx.kernels:
+            kernels, x_t = compiled_kernels(), x
+            grad_y_t = grad_y.t().contiguous()
+            if ctx.needs_input_grad[0]:
+                grad_x = kernels.csr_spmm(t_crow, t_col, values[t_perm].contiguous(), grad_y_t,
+                                          in_features).t()
+            if ctx.needs_input_grad[1]:
+                grad_values = kernels.csr_sampled(crow, col, grad_y_t, x_t)
+            return grad_x, grad_values, None, None, None, None, None, None
         grad_y = grad_y.contiguous()
         if ctx.needs_input_grad[0]:
             transposed = _csr(t_crow, t_col, values[t_perm], (in_features, out_features))
