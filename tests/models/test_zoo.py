@@ -80,10 +80,15 @@ def test_resnets_run_on_small_images():
     ({"name": "lenet301"}, "unknown model 'lenet301'"),
     ({"name": "lenet5", "width": 0}, "width"),
     ({"name": "lenet5", "num_classes": 0}, "num_classes"),
-    ({"name": "lenet5", "input_shape": (1, 8, 8)}, "at least 12x12"),
+    ({"name": "lenet5", "input_shape": (1, 15, 15)}, "at least 16x16"),
     ({"name": "vgg11", "input_shape": (784,)}, "needs images"),
 ])
 def test_bad_arguments(kwargs, match):
     name = kwargs.pop("name")
     with pytest.raises(ValueError, match=match):
         build_model(name, **kwargs)
+
+
+def test_lenet5_smallest_input_runs():
+    model = build_model("lenet5", input_shape=(1, 16, 16))
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)

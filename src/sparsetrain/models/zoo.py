@@ -55,7 +55,7 @@ class LeNet5(nn.Module):
 
     def __init__(self, num_classes, input_shape, width):
         super().__init__()
-        c, h, w = _image_shape(input_shape, "lenet5", min_size=12)
+        c, h, w = _image_shape(input_shape, "lenet5", min_size=16)
         self.conv1 = nn.Conv2d(c, _ch(20, width), 5)
         self.conv2 = nn.Conv2d(_ch(20, width), _ch(50, width), 5)
         flat = _ch(50, width) * (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2)
