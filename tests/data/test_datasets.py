@@ -181,3 +181,18 @@ def test_prepare_augments_only_when_training():
     augmented = ds.prepare(ds.train_x, train=True, augment=True,
                            generator=torch.Generator().manual_seed(0))
     assert not torch.equal(plain, augmented) and augmented.shape == plain.shape
+
+
+class DirectArray:
+    """Pickles as a direct call of numpy.ndarray(shape, dtype, buffer, offset, strides)."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((4,), np.uint8, b"abcd", 0, (1,)))
+
+
+def test_cifar_reader_refuses_direct_array_construction(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels")
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": DirectArray(), b"labels": [0]}))
+    with pytest.raises(DataFileError, match="data_batch_2"):
+        load_dataset("cifar10", tmp_path)

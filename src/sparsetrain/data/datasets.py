@@ -207,20 +207,42 @@ def _load_idx(name: str, data_dir: Path | None, download: bool) -> Dataset:
 
 
 # --- CIFAR python batches -------------------------------------------------------------------
+class _ArrayType:
+    """Stands for ``numpy.ndarray`` in a batch file: only ``_rebuild_array`` accepts it, so a
+    file cannot call the array constructor itself (with a buffer, offset and strides of its
+    choosing) and read memory outside its own data."""
+
+
+def _rebuild_array(cls, shape, dtype_code):
+    if cls is not _ArrayType:
+        raise pickle.UnpicklingError("an array may only be rebuilt as numpy.ndarray")
+    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+
+def _rebuild_scalar(dtype, data=None):
+    """A numpy scalar of a plain (non-object) dtype from exactly its bytes."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes) \
+            or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError("only plain numpy scalars may be stored")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles only what the official CIFAR batches hold: dicts, lists, strings, bytes,
-    numbers and numpy arrays. Any other class in the file is refused, so a crafted file
-    cannot run code."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    }
+    numbers and numpy arrays (rebuilt by numpy's own ``__setstate__`` from the file's bytes).
+    Nothing named in the file is imported: the few names it may use are answered from a fixed
+    table, and any other is refused, so a crafted file cannot run code."""
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            if name == "_reconstruct":
+                return _rebuild_array
+            if name == "scalar":
+                return _rebuild_scalar
+        if (module, name) == ("numpy", "ndarray"):
+            return _ArrayType
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
