@@ -1,8 +1,10 @@
 """Execution backends: how a sparse weight is stored and kept sparse through training."""
 
+from .csr import CSRLinear
+from .csr_backend import CSRBackend, to_csr, to_masked
 from .masked import MaskedBackend
 
-BACKENDS = {"masked": MaskedBackend}
+BACKENDS = {"masked": MaskedBackend, "csr": CSRBackend}
 
 
 def make_backend(name: str, *args, **kwargs):
@@ -14,4 +16,5 @@ def make_backend(name: str, *args, **kwargs):
     return BACKENDS[name](*args, **kwargs)
 
 
-__all__ = ["BACKENDS", "MaskedBackend", "make_backend"]
+__all__ = ["BACKENDS", "CSRBackend", "CSRLinear", "MaskedBackend", "make_backend", "to_csr",
+           "to_masked"]

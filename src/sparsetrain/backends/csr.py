@@ -1,20 +1,24 @@
 """Compressed sparse row (CSR) weights: a Linear layer whose cost scales with its density.
 
-First step of the truly sparse backend: ``CSRLinear`` keeps its weight as a 1-D parameter of
-the ``nnz`` active values, with the row pointers and column indices as buffers (and the
-permutation to the transposed layout, so the backward pass needs no conversion). Its autograd
-function computes
+``CSRLinear`` keeps its weight as a 1-D parameter of the ``nnz`` active values, with the row
+pointers and column indices as buffers. Its autograd function computes
 
 - forward ``y = x W^T + b`` as a sparse-dense product,
-- the input gradient ``grad_x = grad_y W`` with the transposed sparse matrix,
+- the input gradient ``grad_x = grad_y W`` as the transposed sparse product,
 - the weight gradient only at the non-zeros, ``grad_W[r, c] = sum_b grad_y[b, r] x[b, c]``,
   by a sampled dense-dense product.
 
-Standard torch optimizers work on the values parameter unchanged.
+On the CPU (float32 and float64) these run as the compiled OpenMP kernels of
+``csrc/csr_kernels.cpp``; elsewhere, or where the kernels cannot be built, as torch's own sparse
+operations. Standard torch optimizers work on the values parameter unchanged.
+
+For RigL the layer can also keep, on request, the input and output gradient of a step
+(``capture``), from which the dense weight gradient is computed later in blocks of rows.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,63 +63,75 @@ def _use_kernels(x: torch.Tensor, values: torch.Tensor) -> bool:
 
 
 class _CSRLinearFunction(torch.autograd.Function):
+    """``x W^T`` for a CSR ``W``; ``capture`` (a list or None) receives ``(x^T, grad_y^T)``."""
+
     @staticmethod
-    def forward(ctx, x, values, crow, col, t_crow, t_col, t_perm, shape):
+    def forward(ctx, x, values, crow, col, shape, capture):
         ctx.kernels = _use_kernels(x, values)
         ctx.shape = shape
-        if ctx.kernels:  # features x batch layout: unit stride over the batch
-            x_t = x.t().contiguous()
+        ctx.capture = capture
+        x_t = x.t().contiguous()  # free when x is itself the transposed output of a CSR layer
+        if ctx.kernels:
             y = compiled_kernels().csr_spmm(crow, col, values.contiguous(), x_t, shape[0]).t()
-            ctx.save_for_backward(x_t, values, crow, col, t_crow, t_col, t_perm)
-            return y
-        weight = _csr(crow, col, values, shape)
-        y = (weight @ x.t()).t()
-        ctx.save_for_backward(x, values, crow, col, t_crow, t_col, t_perm)
+        else:
+            y = (_csr(crow, col, values, shape) @ x_t).t()
+        ctx.save_for_backward(x_t, values, crow, col)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, values, crow, col, t_crow, t_col, t_perm = ctx.saved_tensors
+        x_t, values, crow, col = ctx.saved_tensors
         out_features, in_features = ctx.shape
         grad_x = grad_values = None
+        grad_y_t = grad_y.t().contiguous()
+        if ctx.capture is not None:
+            ctx.capture.append((x_t, grad_y_t))
         if ctx.kernels:
-            kernels, x_t = compiled_kernels(), x
-            grad_y_t = grad_y.t().contiguous()
+            kernels = compiled_kernels()
             if ctx.needs_input_grad[0]:
-                grad_x = kernels.csr_spmm(t_crow, t_col, values[t_perm].contiguous(), grad_y_t,
-                                          in_features).t()
+                grad_x = kernels.csr_spmm_t(crow, col, values.contiguous(), grad_y_t,
+                                            in_features).t()
             if ctx.needs_input_grad[1]:
                 grad_values = kernels.csr_sampled(crow, col, grad_y_t, x_t)
-            return grad_x, grad_values, None, None, None, None, None, None
-        grad_y = grad_y.contiguous()
-        if ctx.needs_input_grad[0]:
-            transposed = _csr(t_crow, t_col, values[t_perm], (in_features, out_features))
-            grad_x = (transposed @ grad_y.t()).t()
-        if ctx.needs_input_grad[1]:
-            template = _csr(crow, col, torch.zeros_like(values), ctx.shape)
-            sampled = torch.sparse.sampled_addmm(template, grad_y.t().contiguous(), x,
-                                                 beta=0.0)
-            grad_values = sampled.values()
-        return grad_x, grad_values, None, None, None, None, None, None
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = (_csr(crow, col, values, ctx.shape).t() @ grad_y_t).t()
+            if ctx.needs_input_grad[1]:
+                template = _csr(crow, col, torch.zeros_like(values), ctx.shape)
+                sampled = torch.sparse.sampled_addmm(template, grad_y_t, x_t.t(), beta=0.0)
+                grad_values = sampled.values()
+        return grad_x, grad_values, None, None, None, None
+
+
+def _row_pointers(rows: torch.Tensor, out_features: int) -> torch.Tensor:
+    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
+    return crow
 
 
 def csr_structure(mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Row pointers, column indices and the transposed layout of a 2-D bool ``mask``."""
+    """Row pointers and column indices (and the row of every non-zero) of a 2-D bool mask."""
     if mask.dim() != 2:
         raise ValueError(f"a CSR weight needs a 2-D mask, got shape {tuple(mask.shape)}")
-    rows, cols = mask.nonzero(as_tuple=True)           # row-major order
-    out_features, in_features = mask.shape
-    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=mask.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
-    t_order = torch.argsort(cols * out_features + rows)  # column-major order of the same nnz
-    t_crow = torch.zeros(in_features + 1, dtype=torch.int64, device=mask.device)
-    t_crow[1:] = torch.cumsum(torch.bincount(cols, minlength=in_features), 0)
-    return {"rows": rows, "crow": crow, "col": cols, "t_crow": t_crow, "t_col": rows[t_order],
-            "t_perm": t_order}
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major order
+    return {"rows": rows, "crow": _row_pointers(rows, mask.shape[0]), "col": cols}
+
+
+def _default_init(generator: torch.Generator, n: int, fan_in: int, dtype, device):
+    """Values drawn as ``nn.Linear`` initialises its weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    values = torch.rand(n, generator=generator, dtype=torch.float64) * (2 * bound) - bound
+    return values.to(device=device, dtype=dtype)
 
 
 class CSRLinear(nn.Module):
-    """A Linear layer with a CSR weight: memory and products proportional to its non-zeros."""
+    """A Linear layer with a CSR weight: memory and products proportional to its non-zeros.
+
+    ``values`` (the ``nnz`` active weights, row-major) is the only weight parameter; ``crow``
+    (``out_features + 1`` row pointers) and ``col`` (column of each value) are buffers, so they
+    travel with ``state_dict()``. ``bias`` is the given parameter itself (not a copy), so an
+    optimizer that already holds it keeps updating it.
+    """
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor,
                  bias: torch.Tensor | None = None):
@@ -125,34 +141,86 @@ class CSRLinear(nn.Module):
                              "be the same 2-D shape")
         self.out_features, self.in_features = weight.shape
         structure = csr_structure(mask.to(device=weight.device, dtype=torch.bool))
-        for name in ("crow", "col", "t_crow", "t_col", "t_perm", "rows"):
-            self.register_buffer(name, structure[name])
-        self.values = nn.Parameter(weight.detach()[self.rows, self.col].clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.register_buffer("crow", structure["crow"])
+        self.register_buffer("col", structure["col"])
+        self.values = nn.Parameter(weight.detach()[structure["rows"], structure["col"]].clone())
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(
+            bias.detach().clone())
+        self.capture: list | None = None  # set to a list to keep (x^T, grad_y^T) of each backward
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor) -> "CSRLinear":
+        """The layer of ``linear`` with the weights at ``mask``; shares ``linear.bias``."""
         return cls(linear.weight, mask, linear.bias)
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor, values: torch.Tensor, shape,
+                       bias: torch.Tensor | None = None) -> "CSRLinear":
+        """A layer from sorted flat positions ``row * in_features + col`` and their values."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = (int(s) for s in shape)
+        layer.register_buffer("crow", torch.zeros(layer.out_features + 1, dtype=torch.int64,
+                                                  device=values.device))
+        layer.register_buffer("col", torch.zeros(0, dtype=torch.int64, device=values.device))
+        layer.values = nn.Parameter(values.detach().clone())
+        layer.bias = bias
+        layer.capture = None
+        layer.set_positions(positions)
+        return layer
+
+    # --- structure ------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def rows(self) -> torch.Tensor:
+        """The row of every non-zero."""
+        counts = self.crow[1:] - self.crow[:-1]
+        return torch.repeat_interleave(torch.arange(self.out_features, device=counts.device),
+                                       counts)
+
+    def positions(self) -> torch.Tensor:
+        """Sorted flat positions ``row * in_features + col`` of the non-zeros."""
+        return self.rows() * self.in_features + self.col
+
+    @torch.no_grad()
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """Point the structure at the sorted flat ``positions`` (as many as there are values)."""
+        positions = positions.to(device=self.values.device, dtype=torch.int64)
+        if positions.numel() != self.values.numel():
+            raise ValueError(f"{positions.numel()} positions for {self.values.numel()} values")
+        rows = torch.div(positions, self.in_features, rounding_mode="floor")
+        self.crow = _row_pointers(rows, self.out_features)
+        self.col = positions - rows * self.in_features
+
+    def empty_rows(self) -> int:
+        """How many output units have no active input (they output only their bias)."""
+        return int((self.crow[1:] == self.crow[:-1]).sum())
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense tensor (zeros where inactive)."""
         weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype,
                              device=self.values.device)
-        weight[self.rows, self.col] = self.values.detach()
+        weight[self.rows(), self.col] = self.values.detach()
         return weight
 
     def mask(self) -> torch.Tensor:
         mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool,
                            device=self.values.device)
-        mask[self.rows, self.col] = True
+        mask[self.rows(), self.col] = True
         return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"CSRLinear expects inputs with {self.in_features} features in "
+                             f"the last dimension, got shape {tuple(x.shape)}")
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        y = _CSRLinearFunction.apply(flat, self.values, self.crow, self.col, self.t_crow,
-                                     self.t_col, self.t_perm,
-                                     (self.out_features, self.in_features))
+        if flat.dtype != self.values.dtype:
+            flat = flat.to(self.values.dtype)
+        y = _CSRLinearFunction.apply(flat, self.values, self.crow, self.col,
+                                     (self.out_features, self.in_features), self.capture)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

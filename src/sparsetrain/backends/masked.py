@@ -7,10 +7,12 @@ set), so a truly sparse backend can stand in without changing them.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 import torch
 
+from ..sparsity.masks import initial_masks
 from ..sparsity.targets import Target
 
 
@@ -22,9 +24,20 @@ class MaskedBackend:
     def __init__(
         self,
         targets: Iterable[Target],
-        masks: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None,
         optimizer: torch.optim.Optimizer,
+        *,
+        model: torch.nn.Module | None = None,
+        densities: Mapping[str, float] | None = None,
+        generator: torch.Generator | None = None,
     ):
+        """``masks`` name -> bool tensor for every target, or ``None`` to draw them at random
+        (exactly ``active_count`` ones per layer) from ``densities`` with ``generator``.
+        ``model`` is not needed: the weights stay where they are."""
+        targets = list(targets)
+        if masks is None:
+            masks = initial_masks(targets, densities, generator)
+        self.names = [t.name for t in targets]
         self.params = {t.name: t.param for t in targets}
         self.optimizer = optimizer
         self.masks: dict[str, torch.Tensor] = {}
@@ -62,6 +75,27 @@ class MaskedBackend:
                 value.mul_(mask)
 
     # --- the interface the methods use ----------------------------------------------------
+    def is_compact(self, name: str) -> bool:
+        """Whether ``name`` is updated in a compact form (never here: see the CSR backend)."""
+        return False
+
+    def n_active(self, name: str) -> int:
+        return int(self.masks[name].sum())
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.params[name].shape)
+
+    def prepare_step(self, capture: bool) -> None:
+        """Nothing to prepare: the dense gradient is in ``.grad`` after every backward pass."""
+
+    def set_mask(self, name: str, mask: torch.Tensor) -> None:
+        """Make ``mask`` the active set of ``name`` (restoring a saved state)."""
+        param = self.params[name]
+        self.masks[name] = mask.to(device=param.device, dtype=torch.bool)
+        with torch.no_grad():
+            param.mul_(self.masks[name])
+            self._mask_optimizer_state(param, self.masks[name])
+
     def weight_magnitudes(self, name: str) -> torch.Tensor:
         """``|W|`` in the weight's shape (zero where inactive)."""
         return self.params[name].detach().abs()

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..backends import make_backend
 from ..sparsity.distributions import check_density, densities_for_shapes
-from ..sparsity.masks import initial_masks, validate_masks
+from ..sparsity.masks import validate_masks
 from ..sparsity.schedules import drop_fraction, is_update_step
 from ..sparsity.selection import drop_and_grow
 from ..sparsity.targets import Target, partition
@@ -81,7 +81,9 @@ class DynamicSparsifier:
     ``0.75 * total_steps``); ``t_start`` updates come after it; ``dense_layers`` names or glob
     patterns of weights kept dense; ``masks`` a dict name -> bool tensor that replaces the
     random initial masks (then the layer densities are those of the masks); ``seed`` for all
-    randomness; ``backend`` ``"masked"``; ``allow_regrowth`` whether a weight dropped by an
+    randomness; ``backend`` ``"masked"`` (dense weights times masks, any layer) or ``"csr"``
+    (every sparsified ``nn.Linear`` converted in place to a ``CSRLinear`` whose time and memory
+    scale with its density; Static, SET and RigL); ``allow_regrowth`` whether a weight dropped by an
     update may be grown back by the same update (the reference code's behaviour; it then keeps
     its value); ``optimizer_step_on_update`` whether an update step also applies the
     optimizer step (default: the method's, as in the reference code: RigL and SNFS replace it,
@@ -91,6 +93,9 @@ class DynamicSparsifier:
     method_name = "static"
     fixed_budget = True  # every layer keeps its number of active weights from start to end
     updates_topology = False
+    #: How a compact (CSR) layer grows: "random", "gradient", or None (no growth).
+    compact_grow: str | None = None
+    supports_compact = True  # whether backend="csr" can run this method
     default_optimizer_step_on_update = True
 
     def __init__(
@@ -135,6 +140,8 @@ class DynamicSparsifier:
             else bool(optimizer_step_on_update)
         )
         sparse = self._bind(model, optimizer, distribution, dense_layers, seed)
+        self._check_backend(backend)
+        densities = None
         if masks is None:
             densities = densities_for_shapes(
                 {t.name: tuple(t.shape) for t in sparse},
@@ -142,12 +149,13 @@ class DynamicSparsifier:
                 distribution,
                 erk_power_scale=erk_power_scale,
             )
-            masks = initial_masks(sparse, densities, self.generator)
         else:
             masks = validate_masks(masks, sparse, self.density)
-        self.backend = make_backend(backend, sparse, masks, optimizer)
+        self.backend = make_backend(backend, sparse, masks, optimizer, model=model,
+                                    densities=densities, generator=self.generator)
         self.step_count = 0
         self._init_method_state()
+        self._prepare_next_step()
 
     def _bind(self, model: nn.Module, optimizer: torch.optim.Optimizer,
               distribution: str | Mapping[str, float], dense_layers: Iterable[str] | str,
@@ -168,6 +176,14 @@ class DynamicSparsifier:
         _check_optimizer(optimizer, [t.param for t in sparse], [t.name for t in sparse])
         self.generator = torch.Generator().manual_seed(self.seed)
         return sparse
+
+    def _check_backend(self, backend: str) -> None:
+        if backend == "csr" and not self.supports_compact:
+            raise ValueError(
+                f"{type(self).__name__} is not available on backend='csr' (it needs dense "
+                "per-weight state that a CSR layer does not keep); use backend='masked', or "
+                "Static, SET or RigL on 'csr'"
+            )
 
     # --- what the subclasses override -----------------------------------------------------
     def _init_method_state(self) -> None:
@@ -198,14 +214,15 @@ class DynamicSparsifier:
 
     def layer_densities(self) -> dict[str, float]:
         """Current density of every sparsified weight, and 1.0 for those kept dense."""
-        result = {n: float(m.sum()) / m.numel() for n, m in self.masks.items()}
+        b = self.backend
+        result = {n: b.n_active(n) / b.numel(n) for n in b.names}
         result.update({n: 1.0 for n in self._dense_names})
         return result
 
     def overall_density(self) -> float:
         """Active weights over all sparsified weights (those in ``masks``)."""
-        active = sum(int(m.sum()) for m in self.masks.values())
-        return active / sum(m.numel() for m in self.masks.values())
+        b = self.backend
+        return sum(b.n_active(n) for n in b.names) / sum(b.numel(n) for n in b.names)
 
     def is_update_step(self, t: int) -> bool:
         """Whether the ``t``-th call of ``step()`` updates the topology."""
@@ -226,7 +243,10 @@ class DynamicSparsifier:
         t = self.step_count
         self._observe_gradients()
         update = self.is_update_step(t)
-        grow = {name: self.grow_scores(name) for name in self.masks} if update else None
+        grow = None
+        if update:
+            grow = {name: self.grow_scores(name) for name in self.backend.names
+                    if not self.backend.is_compact(name)}
         loss = None
         if not update or self.optimizer_step_on_update:
             self.backend.mask_gradients()
@@ -234,7 +254,13 @@ class DynamicSparsifier:
             self.backend.mask_weights()
         if update:
             self._update_topology(t, grow)
+        self._prepare_next_step()
         return loss
+
+    def _prepare_next_step(self) -> None:
+        """Tell the backend whether the coming step's gradients feed a topology update."""
+        self.backend.prepare_step(self.compact_grow == "gradient"
+                                  and self.is_update_step(self.step_count + 1))
 
     def mask_gradients(self) -> None:
         """Zero the gradients of inactive weights now (e.g. before clipping gradients).
@@ -246,25 +272,36 @@ class DynamicSparsifier:
 
     def _update_topology(self, t: int, grow: Mapping[str, torch.Tensor]) -> None:
         fraction = self.drop_fraction(t)
-        for name, mask in list(self.masks.items()):
-            n_drop = math.floor(fraction * int(mask.sum()))
+        backend = self.backend
+        for name in backend.names:
+            n_drop = math.floor(fraction * backend.n_active(name))
             if n_drop == 0:
+                continue
+            if backend.is_compact(name):
+                if not backend.finite(name):
+                    self._warn_not_finite(name, t)
+                    continue
+                backend.compact_update(name, n_drop, self.compact_grow, self.generator,
+                                       allow_regrowth=self.allow_regrowth)
                 continue
             drop = self.drop_scores(name)
             if not (torch.isfinite(drop).all() and torch.isfinite(grow[name]).all()):
-                warnings.warn(
-                    f"{type(self).__name__}: weight {name!r} has NaN or infinite weights or "
-                    f"gradients at step {t}; its topology update is skipped. Lower the "
-                    "learning rate or clip gradients.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                self._warn_not_finite(name, t)
                 continue
             new_mask = drop_and_grow(
-                mask, drop, grow[name], n_drop, self.generator,
+                backend.masks[name], drop, grow[name], n_drop, self.generator,
                 allow_regrowth=self.allow_regrowth,
             )
-            self.backend.replace_active(name, new_mask)
+            backend.replace_active(name, new_mask)
+
+    def _warn_not_finite(self, name: str, t: int) -> None:
+        warnings.warn(
+            f"{type(self).__name__}: weight {name!r} has NaN or infinite weights or "
+            f"gradients at step {t}; its topology update is skipped. Lower the "
+            "learning rate or clip gradients.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     # --- checkpointing --------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -290,10 +327,13 @@ class DynamicSparsifier:
         Holds only tensors, numbers, strings, lists and dicts, so it loads with
         ``torch.load(..., weights_only=True)``.
         """
+        b = self.backend
         return {
             "method": self.method_name,
             "step_count": self.step_count,
-            "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
+            "masks": {n: b.masks[n].detach().cpu().clone() for n in b.names
+                      if not b.is_compact(n)},
+            "positions": {n: b.positions(n).cpu() for n in b.names if b.is_compact(n)},
             "generator": self.generator.get_state(),
             "config": self._config(),
             "method_state": self._method_state(),
@@ -311,8 +351,7 @@ class DynamicSparsifier:
                 f"the state_dict is of method {state['method']!r}, but this sparsifier is "
                 f"{self.method_name!r}"
             )
-        params = self.backend.params
-        masks = validate_masks(state["masks"], [Target(n, p) for n, p in params.items()], None)
+        masks = self._saved_masks(state)
         self.step_count = int(state["step_count"])
         if "generator" in state:
             self.generator.set_state(state["generator"])
@@ -324,10 +363,42 @@ class DynamicSparsifier:
                 f"{changed}; continuing with this sparsifier's settings",
                 stacklevel=2,
             )
-        for name, mask in masks.items():
-            self.backend.masks[name] = mask.to(device=params[name].device)
+        for name, active in masks.items():
+            if torch.is_tensor(active) and active.dtype == torch.int64 and active.dim() == 1:
+                self.backend.set_positions(name, active)
+            else:
+                self.backend.set_mask(name, active)
         self.backend.apply_masks()
         self._load_method_state(state.get("method_state", {}))
+
+    def _saved_masks(self, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The saved active sets by name: bool masks, or sorted flat positions for CSR layers
+        (a state saved on either backend loads on either)."""
+        b = self.backend
+        saved = dict(state["masks"])
+        positions = state.get("positions") or {}
+        if not isinstance(saved, dict) or not isinstance(positions, Mapping):
+            raise ValueError("the state_dict's 'masks' and 'positions' must be dicts")
+        unknown = sorted((set(saved) | set(positions)) - set(b.names))
+        missing = [n for n in b.names if n not in saved and n not in positions]
+        if unknown or missing:
+            raise ValueError(
+                "the state_dict's masks do not match this sparsifier's weights; unknown "
+                f"names: {unknown}, missing names: {missing}"
+            )
+        for name, pos in positions.items():
+            if b.is_compact(name):
+                saved[name] = pos
+                continue
+            if not torch.is_tensor(pos) or pos.dim() != 1:
+                raise ValueError(f"positions[{name!r}] must be a 1-D tensor")
+            mask = torch.zeros(b.numel(name), dtype=torch.bool)
+            mask[pos.long()] = True
+            saved[name] = mask.view(b.masks[name].shape)
+        dense = [Target(n, b.params[n]) for n in b.names if not b.is_compact(n)]
+        result = validate_masks({n: saved[n] for n in saved if not b.is_compact(n)}, dense, None)
+        result.update({n: saved[n] for n in saved if b.is_compact(n)})
+        return result
 
     def __repr__(self) -> str:
         return (
@@ -347,6 +418,7 @@ class SET(DynamicSparsifier):
 
     updates_topology = True
     default_optimizer_step_on_update = True
+    compact_grow = "random"
 
     def grow_scores(self, name: str) -> torch.Tensor:
         mask = self.masks[name]
@@ -363,6 +435,7 @@ class SNFS(SET):
 
     default_optimizer_step_on_update = False
     grad_momentum = 0.9
+    supports_compact = False
 
     def _init_method_state(self) -> None:
         self.gradient_ema: dict[str, torch.Tensor] = {}
@@ -406,6 +479,7 @@ class RigL(SET):
     """
 
     default_optimizer_step_on_update = False
+    compact_grow = "gradient"
 
     def grow_scores(self, name: str) -> torch.Tensor:
         grad = self.backend.dense_gradient(name)

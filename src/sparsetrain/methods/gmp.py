@@ -67,7 +67,7 @@ class GMP(DynamicSparsifier):
     (0, 1]; ``total_steps`` the number of ``step()`` calls planned; ``distribution``
     ``"uniform"`` (default: one sparsity for every layer, as in the paper), ``"er"``, ``"erk"``
     or a dict name -> final density; ``dense_layers`` names or glob patterns of weights kept
-    dense; ``seed`` for all randomness; ``backend`` ``"masked"``; ``initial_density`` the
+    dense; ``seed`` for all randomness; ``backend`` ``"masked"`` (the only one); ``initial_density`` the
     density at ``start_step``, in [``density``, 1]; ``start_step`` and ``end_step`` the
     schedule's first and last step; ``frequency`` steps between pruning steps (``delta_t`` is
     accepted for it too, the name the other methods use, so code that drives every method
@@ -83,6 +83,7 @@ class GMP(DynamicSparsifier):
 
     fixed_budget = False
     updates_topology = True
+    supports_compact = False  # the number of weights changes, and a CSR layer keeps it fixed
 
     def __init__(
         self,
@@ -139,6 +140,7 @@ class GMP(DynamicSparsifier):
             )
         self.erk_power_scale = float(erk_power_scale)
         sparse = self._bind(model, optimizer, distribution, dense_layers, seed)
+        self._check_backend(backend)
 
         final = densities_for_shapes(
             {t.name: tuple(t.shape) for t in sparse},
