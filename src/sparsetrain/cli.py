@@ -42,6 +42,8 @@ HELP = {
     "delta_t": "steps between mask updates",
     "alpha": "initial drop fraction of the mask updates",
     "t_end": "fraction of training after which the mask stops changing",
+    "backend": "masked (dense weights times masks) or csr (Linear layers stored as CSR, time "
+               "and memory scale with density; static, set, rigl and pruning at init)",
     "method_options": "extra keyword arguments of the method, as KEY=VALUE (repeatable)",
     "prune_scope": "pruning at initialisation: global or layer",
     "prune_iterations": "pruning at initialisation: rounds (SynFlow: 100 by default)",

@@ -23,6 +23,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .backends.csr import CSRLinear
+
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
                 nn.Hardswish, nn.Hardtanh, nn.Softmax, nn.LogSoftmax, nn.Mish, nn.PReLU)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
@@ -98,7 +100,11 @@ def _count(module: nn.Module, inputs, output, masks, names) -> LayerFlops:
     result = LayerFlops()
     if out is None:
         return result
-    if isinstance(module, nn.Linear):
+    if isinstance(module, CSRLinear):  # its weight is its non-zeros, whatever the masks say
+        result.weights = 2 * module.nnz * (out.numel() // module.out_features)
+        if module.bias is not None:
+            result.bias = out.numel()
+    elif isinstance(module, nn.Linear):
         positions = out.numel() // module.out_features
         result.weights = 2 * _active(module.weight, masks, names) * positions
         if module.bias is not None:
@@ -175,7 +181,9 @@ def flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tensor] | N
     """
     masks = dict(masks or {})
     names = {id(p): n for n, p in model.named_parameters()}
-    unknown = sorted(set(masks) - set(names.values()))
+    csr_weights = {f"{path}.weight" if path else "weight"
+                   for path, m in model.named_modules() if isinstance(m, CSRLinear)}
+    unknown = sorted(set(masks) - set(names.values()) - csr_weights)
     if unknown:
         raise ValueError(f"masks name weights the model does not have: {unknown}")
     report = FlopsReport()

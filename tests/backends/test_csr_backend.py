@@ -165,6 +165,7 @@ def test_csr_and_masked_backends_train_alike_for_300_steps(method):
 def test_blockwise_gradient_grow_matches_the_dense_top_k(monkeypatch):
     """The running top-k over blocks of rows equals the top-k of the whole dense gradient."""
     monkeypatch.setattr(csr_backend, "BLOCK_ELEMENTS", 3 * 40)  # blocks of 3 rows
+    monkeypatch.setattr(csr_backend, "MIN_BLOCK_ELEMENTS", 1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 17, dtype=torch.float64))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -185,6 +186,31 @@ def test_blockwise_gradient_grow_matches_the_dense_top_k(monkeypatch):
     grown = torch.zeros(before.numel(), dtype=torch.bool)
     grown[torch.topk(scores, n_drop).indices] = True
     assert torch.equal(layer.mask().reshape(-1), kept | grown)
+
+
+def test_gradient_grow_breaks_ties_towards_the_lower_position(monkeypatch):
+    """Inputs that are zero in most features give many exactly-zero gradients; when more must
+    grow than there are non-zero candidates, the zero-score ones come in position order."""
+    monkeypatch.setattr(csr_backend, "BLOCK_ELEMENTS", 2 * 30)
+    monkeypatch.setattr(csr_backend, "MIN_BLOCK_ELEMENTS", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 10, dtype=torch.float64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = st.RigL(model, opt, density=0.5, total_steps=10, delta_t=1, alpha=0.5, backend="csr")
+    layer = model[0]
+    before = layer.positions()
+    x = torch.zeros(4, 30, dtype=torch.float64)
+    x[:, 0] = torch.randn(4, dtype=torch.float64)  # only column 0 has a gradient
+    model(x).sum().backward()
+    weight = layer.dense_weight().reshape(-1)
+    sp.step()
+    n_drop = math.floor(sp.drop_fraction(1) * 150)
+    kept = before[torch.topk(weight[before].abs(), 150 - n_drop).indices]
+    free = torch.tensor([p for p in range(300) if p not in set(kept.tolist())])
+    nonzero = free[free % 30 == 0]
+    zero = free[free % 30 != 0][:n_drop - nonzero.numel()]
+    expected = torch.sort(torch.cat([kept, nonzero, zero])).values
+    assert torch.equal(layer.positions(), expected)
 
 
 def test_dense_gradient_of_a_csr_layer_is_grad_y_transposed_x():

@@ -41,6 +41,7 @@ COLLECTIVE_TIMEOUT_S = 60.0
 MAX_ERRORS = 10
 METHODS = st.available_methods()
 CONTROL = "control:set-seed-per-rank"
+CSR_METHODS = ["static", "set", "rigl"]
 
 
 def _free_port() -> int:
@@ -50,9 +51,13 @@ def _free_port() -> int:
 
 
 def _snapshot(model: nn.Module, sparsifier) -> dict:
+    """Masks and parameters by name; for CSR layers the dense weight under the mask's name."""
+    params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    layers = getattr(sparsifier.backend, "layers", {})
+    params.update({n: layer.dense_weight().cpu() for n, layer in layers.items()})
     return {
         "masks": {n: m.detach().cpu().clone() for n, m in sparsifier.masks.items()},
-        "params": {n: p.detach().cpu().clone() for n, p in model.named_parameters()},
+        "params": params,
     }
 
 
@@ -87,13 +92,20 @@ def _compare(gathered: list[dict], step: int, counts: dict[str, int]) -> list[st
     return errors
 
 
-def _run_method(method: str, rank: int, seed: int) -> dict:
+def _run_method(method: str, rank: int, seed: int, backend: str = "masked") -> dict:
     torch.manual_seed(1234)  # the same initial model on every rank
-    model = DDP(TinyCNN())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    sp = st.make_sparsifier(method, model, opt, density=DENSITY, distribution="erk",
-                            total_steps=STEPS, seed=seed,
-                            **schedule_kwargs(method, DELTA_T, alpha=0.5))
+    options = dict(density=DENSITY, distribution="erk", total_steps=STEPS, seed=seed,
+                   **schedule_kwargs(method, DELTA_T, alpha=0.5))
+    if backend == "csr":  # the layers are converted first, then the model is wrapped
+        model = TinyCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        sp = st.make_sparsifier(method, model, opt, backend="csr", **options)
+        model = DDP(model)
+    else:
+        model = DDP(TinyCNN())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        sp = st.make_sparsifier(method, model, opt, **options)
+    named = model.module if backend == "csr" else model  # the names the masks use
     data = torch.Generator().manual_seed(1000 + rank)  # different data on every rank
     counts = {n: int(m.sum()) for n, m in sp.masks.items()}
     errors: list[str] = []
@@ -102,7 +114,7 @@ def _run_method(method: str, rank: int, seed: int) -> dict:
 
     def check(step: int) -> None:
         gathered = [None] * WORLD_SIZE
-        dist.all_gather_object(gathered, _snapshot(model, sp))
+        dist.all_gather_object(gathered, _snapshot(named, sp))
         errors.extend(_compare(gathered, step, counts))
 
     check(0)
@@ -120,9 +132,9 @@ def _run_method(method: str, rank: int, seed: int) -> dict:
         if any(not torch.equal(before[n], m) for n, m in sp.masks.items()):
             topology_changes += 1
         check(t)
-    params = dict(model.named_parameters())
-    densities = st.layer_densities(model, DENSITY, "erk")
-    budget = {n: round(densities[n] * params[n].numel()) for n in sp.masks}
+    densities = st.layer_densities(TinyCNN(), DENSITY, "erk")  # names without "module."
+    prefix = "" if backend == "csr" else "module."
+    budget = {n: round(densities[n[len(prefix):]] * sp.backend.numel(n)) for n in sp.masks}
     local_losses = [None] * WORLD_SIZE
     dist.all_gather_object(local_losses, losses)
     return {
@@ -146,14 +158,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
-        runs = [(m, m, 0) for m in METHODS] + [(CONTROL, "set", rank)]
-        for i, (name, method, seed) in enumerate(runs):
+        runs = ([(m, m, 0, "masked") for m in METHODS] + [(CONTROL, "set", rank, "masked")]
+                + [(f"csr:{m}", m, 0, "csr") for m in CSR_METHODS])
+        for i, (name, method, seed, backend) in enumerate(runs):
             try:
-                result["methods"][name] = _run_method(method, rank, seed=seed)
+                result["methods"][name] = _run_method(method, rank, seed=seed, backend=backend)
             except Exception:
                 # The ranks may now be out of step in their collectives: run nothing more.
                 result["methods"][name] = {"fatal": traceback.format_exc()}
-                for later, _, _ in runs[i + 1:]:
+                for later, *_ in runs[i + 1:]:
                     result["methods"][later] = {"fatal": f"not run: {name!r} failed before it"}
                 break
     except BaseException:
@@ -239,6 +252,17 @@ def test_replicas_stay_identical_under_ddp(ddp_results, method):
     else:
         assert res["update_steps"] == [5, 10, 15, 20]
         assert res["topology_changes"] > 0, f"{method} never changed its masks"
+
+
+@pytest.mark.parametrize("method", CSR_METHODS)
+def test_csr_replicas_stay_identical_under_ddp(ddp_results, method):
+    """On the CSR backend RigL gathers the saved activations and output gradients of every
+    rank, so its dense gradient is the replicas' average and every rank grows the same."""
+    res = _result(ddp_results, f"csr:{method}")
+    assert res["steps"] == STEPS and res["data_differs"]
+    assert res["n_errors"] == 0, "\n".join(res["errors"])
+    assert res["active_counts"] == res["budget_counts"]
+    assert (res["topology_changes"] == 0) == (method == "static")
 
 
 def test_check_detects_replicas_that_diverge(ddp_results):

@@ -78,9 +78,20 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
     ("dense", 16),
 ])
 def test_interrupted_and_resumed_equals_straight_through(tmp_path, method, stop_at):
-    straight = Trainer(config(method=method), tmp_path / "a", log=quiet)
+    check_resume(tmp_path, stop_at, method=method)
+
+
+@pytest.mark.filterwarnings("ignore:backend='csr'.*no active weight")  # SNIP empties some units
+@pytest.mark.parametrize("method, stop_at", [("rigl", 10), ("set", 5), ("static", 3),
+                                             ("snip", 9)])
+def test_resume_on_the_csr_backend(tmp_path, method, stop_at):
+    check_resume(tmp_path, stop_at, method=method, backend="csr")
+
+
+def check_resume(tmp_path, stop_at, **overrides):
+    straight = Trainer(config(**overrides), tmp_path / "a", log=quiet)
     straight.train()
-    first = Trainer(config(method=method), tmp_path / "b", log=quiet)
+    first = Trainer(config(**overrides), tmp_path / "b", log=quiet)
 
     def stop(trainer):
         if trainer.state.step == stop_at:
@@ -88,7 +99,7 @@ def test_interrupted_and_resumed_equals_straight_through(tmp_path, method, stop_
 
     assert first.train(on_step=stop) is None
     assert first.state.step == stop_at
-    resumed = Trainer(config(method=method), tmp_path / "b", resume=True, log=quiet)
+    resumed = Trainer(config(**overrides), tmp_path / "b", resume=True, log=quiet)
     assert resumed.state.step == stop_at
     summary = resumed.train()
     assert summary["steps"] == 21
@@ -202,3 +213,24 @@ def test_flops_and_ever_active_in_the_summary(tmp_path):
                           .sparsifier.masks.values())
     assert abs(count_parameters(model, sparsifiable_only=True) - sparse_nonzeros) < 0.05 * \
         sparse_nonzeros
+
+
+def test_csr_backend_run_costs_what_the_masked_one_does(tmp_path):
+    """Same layer densities on both backends: the same FLOPs; the CSR run really holds CSR
+    layers, and settings that cannot work on it are refused up front."""
+    masked = Trainer(config(), tmp_path / "m", log=quiet)
+    summary_m = masked.train()
+    csr = Trainer(config(backend="csr"), tmp_path / "c", log=quiet)
+    summary_c = csr.train()
+    from sparsetrain.backends import CSRLinear
+
+    assert any(isinstance(m, CSRLinear) for m in csr.model.modules())
+    for key in ("inference_flops", "train_flops", "density"):
+        assert summary_c[key] == pytest.approx(summary_m[key], rel=1e-9), key
+    assert summary_c["test_accuracy"] > 0.25
+    with pytest.raises(ConfigError, match="backend 'csr' holds sparse weights"):
+        config(method="dense", backend="csr")
+    with pytest.raises(ConfigError, match="backend must be"):
+        config(backend="sparse")
+    with pytest.raises(ValueError, match="not available on backend='csr'"):
+        Trainer(config(method="snfs", backend="csr"), tmp_path / "s", log=quiet)

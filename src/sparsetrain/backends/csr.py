@@ -63,42 +63,50 @@ def _use_kernels(x: torch.Tensor, values: torch.Tensor) -> bool:
 
 
 class _CSRLinearFunction(torch.autograd.Function):
-    """``x W^T`` for a CSR ``W``; ``capture`` (a list or None) receives ``(x^T, grad_y^T)``."""
+    """``x W^T`` for a CSR ``W``; ``capture`` (a list or None) receives ``(x, grad_y)``."""
 
     @staticmethod
     def forward(ctx, x, values, crow, col, shape, capture):
         ctx.kernels = _use_kernels(x, values)
         ctx.shape = shape
         ctx.capture = capture
-        x_t = x.t().contiguous()  # free when x is itself the transposed output of a CSR layer
-        if ctx.kernels:
-            y = compiled_kernels().csr_spmm(crow, col, values.contiguous(), x_t, shape[0]).t()
+        if ctx.kernels:  # the batch packed in tiles: see csrc/csr_kernels.cpp
+            kernels = compiled_kernels()
+            x_tiles = kernels.pack_tiles(x)
+            y = kernels.csr_forward(crow, col, values.contiguous(), x_tiles, shape[0],
+                                    shape[1], x.shape[0])
+            ctx.save_for_backward(x_tiles, values, crow, col)
         else:
-            y = (_csr(crow, col, values, shape) @ x_t).t()
-        ctx.save_for_backward(x_t, values, crow, col)
+            y = (_csr(crow, col, values, shape) @ x.t()).t()
+            ctx.save_for_backward(x, values, crow, col)
+        if capture is not None:
+            ctx.x = x
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_t, values, crow, col = ctx.saved_tensors
+        saved, values, crow, col = ctx.saved_tensors
         out_features, in_features = ctx.shape
         grad_x = grad_values = None
-        grad_y_t = grad_y.t().contiguous()
+        grad_y = grad_y.contiguous()
         if ctx.capture is not None:
-            ctx.capture.append((x_t, grad_y_t))
+            ctx.capture.append((ctx.x, grad_y))
         if ctx.kernels:
-            kernels = compiled_kernels()
+            kernels, batch = compiled_kernels(), grad_y.shape[0]
+            gy_tiles = kernels.pack_tiles(grad_y)
             if ctx.needs_input_grad[0]:
-                grad_x = kernels.csr_spmm_t(crow, col, values.contiguous(), grad_y_t,
-                                            in_features).t()
+                grad_x = kernels.csr_input_grad(crow, col, values.contiguous(), gy_tiles,
+                                                in_features, batch)
             if ctx.needs_input_grad[1]:
-                grad_values = kernels.csr_sampled(crow, col, grad_y_t, x_t)
+                grad_values = kernels.csr_weight_grad(crow, col, gy_tiles, saved, in_features,
+                                                      batch)
         else:
+            x, grad_y_t = saved, grad_y.t().contiguous()
             if ctx.needs_input_grad[0]:
                 grad_x = (_csr(crow, col, values, ctx.shape).t() @ grad_y_t).t()
             if ctx.needs_input_grad[1]:
                 template = _csr(crow, col, torch.zeros_like(values), ctx.shape)
-                sampled = torch.sparse.sampled_addmm(template, grad_y_t, x_t.t(), beta=0.0)
+                sampled = torch.sparse.sampled_addmm(template, grad_y_t, x, beta=0.0)
                 grad_values = sampled.values()
         return grad_x, grad_values, None, None, None, None
 
@@ -146,7 +154,7 @@ class CSRLinear(nn.Module):
         self.values = nn.Parameter(weight.detach()[structure["rows"], structure["col"]].clone())
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(
             bias.detach().clone())
-        self.capture: list | None = None  # set to a list to keep (x^T, grad_y^T) of each backward
+        self.capture: list | None = None  # set to a list to keep (x, grad_y) of each backward
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor) -> "CSRLinear":

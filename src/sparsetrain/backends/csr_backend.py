@@ -11,7 +11,8 @@ Topology updates of a CSR layer never build a dense tensor of the layer's size:
 - grow, random (SET): positions drawn uniformly among those not kept, by rejection sampling;
 - grow, gradient (RigL): the dense gradient ``grad_y^T x`` of the update step is computed from
   the layer's saved input and output gradient in blocks of rows, keeping a running top-k of the
-  candidates, so the extra memory is one block (``block_elements``) and not ``out * in``.
+  candidates, so the extra memory is one block (about twice the layer's non-zeros, between
+  ``MIN_BLOCK_ELEMENTS`` and ``BLOCK_ELEMENTS``) and not ``out * in``.
 
 Kept weights carry their values and optimizer state to their new places in the values vector;
 grown weights start at zero with zero optimizer state. The number of values never changes, so
@@ -32,11 +33,14 @@ import torch
 from torch import nn
 
 from ..sparsity.targets import Target
-from .csr import CSRLinear, _default_init
+from .csr import CSRLinear, _default_init, compiled_kernels
 from .masked import MaskedBackend
 
-#: Largest dense block (in elements) the gradient-based grow step materialises at once.
-BLOCK_ELEMENTS = 1 << 22
+#: Bounds of the dense block (in elements) the gradient-based grow step materialises at once:
+#: twice the layer's non-zeros, within these bounds, so the extra memory stays in proportion
+#: to what the layer holds anyway and the products stay large enough to run fast.
+MIN_BLOCK_ELEMENTS = 1 << 20
+BLOCK_ELEMENTS = 1 << 23
 
 
 # --- optimizer state ------------------------------------------------------------------------
@@ -104,6 +108,42 @@ def eligible_linears(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[
 
 
 # --- random positions ------------------------------------------------------------------------
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _collective_device(tensor: torch.Tensor) -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cpu") if dist.get_backend() == "gloo" else tensor.device
+
+
+def _gather_batches(x: torch.Tensor, g_t: torch.Tensor):
+    """``x`` (batch, in) and ``g_t`` (out, batch) of every rank, joined along the batch, with
+    the gradient divided by the number of ranks (DDP averages the ranks' gradients). Batches
+    of different sizes are padded with zeros, which add nothing to ``g_t @ x``."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    device = _collective_device(x)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=device))
+    largest = max(int(n) for n in sizes)
+    padded_x = torch.zeros(largest, x.shape[1], dtype=x.dtype, device=device)
+    padded_x[:x.shape[0]] = x
+    padded_g = torch.zeros(largest, g_t.shape[0], dtype=g_t.dtype, device=device)
+    padded_g[:x.shape[0]] = g_t.t()
+    xs = [torch.empty_like(padded_x) for _ in range(world)]
+    gs = [torch.empty_like(padded_g) for _ in range(world)]
+    dist.all_gather(xs, padded_x)
+    dist.all_gather(gs, padded_g)
+    x_all = torch.cat(xs).to(x.device)
+    g_all = (torch.cat(gs).t() / world).contiguous().to(x.device)
+    return x_all, g_all
+
+
 def _contains(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     if sorted_values.numel() == 0:
         return torch.zeros_like(queries, dtype=torch.bool)
@@ -146,6 +186,20 @@ def random_positions(numel: int, n: int, generator: torch.Generator,
         draw = draw[~_contains(exclude, draw) & ~_contains(taken, draw)]
         chosen = torch.cat([chosen, draw[:need]])
     return torch.sort(chosen).values
+
+
+def _top_k_lowest_first(scores: torch.Tensor, positions: torch.Tensor, k: int):
+    """The ``k`` entries of largest score (the lower position first among equal scores), in
+    O(n): the k-th largest score is found by selection, not by sorting everything."""
+    n = scores.numel()
+    if n <= k:
+        return scores, positions
+    kth = torch.kthvalue(scores, n - k + 1).values
+    above = (scores > kth).nonzero().squeeze(1)
+    ties = (scores == kth).nonzero().squeeze(1)
+    ties = ties[torch.argsort(positions[ties])[:k - above.numel()]]
+    keep = torch.cat([above, ties])
+    return scores[keep], positions[keep]
 
 
 # --- the backend ----------------------------------------------------------------------------
@@ -290,15 +344,21 @@ class CSRBackend:
     def dense_gradient(self, name: str) -> torch.Tensor | None:
         if name not in self.layers:
             return self.masked.dense_gradient(name)
+        pair = self.saved_gradient(name)
+        return None if pair is None else pair[1] @ pair[0]
+
+    def saved_gradient(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(x, grad_y^T)`` of the saved backward passes of CSR layer ``name``, with
+        ``grad_y^T @ x`` the dense weight gradient: the passes are joined along the batch and,
+        under torch.distributed, gathered from every rank and averaged as DDP averages."""
         captured = self.captures.get(name)
         if not captured:
             return None
-        layer = self.layers[name]
-        grad = torch.zeros(layer.out_features, layer.in_features, dtype=layer.values.dtype,
-                           device=layer.values.device)
-        for x_t, grad_y_t in captured:
-            grad += grad_y_t @ x_t.t()
-        return grad
+        x = torch.cat([x for x, _ in captured]).contiguous()
+        g_t = torch.cat([g for _, g in captured]).t().contiguous()
+        if _world_size() > 1:
+            x, g_t = _gather_batches(x, g_t)
+        return x, g_t
 
     def replace_active(self, name: str, new_mask: torch.Tensor) -> torch.Tensor:
         if name not in self.layers:
@@ -350,11 +410,18 @@ class CSRBackend:
                 self.captures.pop(name, None)
 
     def finite(self, name: str) -> bool:
-        """Whether the layer's values and saved gradients are all finite."""
+        """Whether the layer's values and saved gradients are all finite (on every rank)."""
         layer = self.layers[name]
         tensors = [layer.values.detach()] + [t for pair in self.captures.get(name, [])
                                              for t in pair]
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        ok = all(bool(torch.isfinite(t).all()) for t in tensors)
+        if _world_size() > 1:  # every rank must take the same branch
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(ok)], device=_collective_device(layer.values))
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item())
+        return ok
 
     @torch.no_grad()
     def compact_update(self, name: str, n_drop: int, grow: str, generator: torch.Generator,
@@ -369,41 +436,65 @@ class CSRBackend:
             return
         old = layer.positions()
         magnitude = layer.values.detach().abs()
-        keep_index = torch.topk(magnitude, nnz - n_drop, sorted=False).indices
-        kept = torch.sort(old[keep_index]).values
+        keep = torch.zeros(nnz, dtype=torch.bool, device=old.device)
+        keep[torch.topk(magnitude, nnz - n_drop, sorted=False).indices] = True
+        kept = old[keep]  # still sorted
         closed = kept if allow_regrowth else old
-        captured = self.captures.get(name)
-        if grow == "gradient" and captured:
-            grown = self._grow_by_gradient(layer, captured, closed, n_drop)
+        saved = self.saved_gradient(name) if grow == "gradient" else None
+        if saved is not None:
+            grown = self._grow_by_gradient(layer, saved, closed, n_drop)
         else:
             grown = random_positions(numel, n_drop, generator, closed.cpu()).to(old.device)
         self._move(layer, torch.sort(torch.cat([kept, grown])).values)
 
-    def _grow_by_gradient(self, layer: CSRLinear, captured, closed: torch.Tensor,
+    def _grow_by_gradient(self, layer: CSRLinear, saved, closed: torch.Tensor,
                           k: int) -> torch.Tensor:
-        """The ``k`` positions outside ``closed`` with the largest ``|grad_y^T x|``, computed
-        in blocks of rows with a running top-k (ties to the lower position)."""
+        """The ``k`` positions outside the sorted ``closed`` with the largest
+        ``|grad_y^T x|``, computed in blocks of rows with a running top-k; among equal scores
+        the lower position wins."""
         out_features, in_features = layer.out_features, layer.in_features
-        block = max(1, BLOCK_ELEMENTS // max(1, in_features))
-        best_scores = torch.empty(0, dtype=torch.float64, device=closed.device)
-        best_positions = torch.empty(0, dtype=torch.int64, device=closed.device)
+        elements = min(BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, 2 * layer.nnz))
+        block = max(1, elements // max(1, in_features))
+        device = closed.device
+        best_scores = torch.empty(0, dtype=layer.values.dtype, device=device)
+        best_positions = torch.empty(0, dtype=torch.int64, device=device)
+        pending_scores, pending_positions, pending = [], [], 0
+        threshold = -math.inf  # once k are chosen: the smallest chosen score
+        kernels = compiled_kernels()
+        x, g_t = saved  # x is (batch, in) contiguous: thin products run twice as fast on it
+        # one buffer for every block: allocating and freeing a block-sized tensor thousands
+        # of times fragments the C heap (its resident size grew to gigabytes on large layers)
+        buffer = torch.empty(min(block, out_features), in_features, dtype=x.dtype,
+                             device=device)
         for r0 in range(0, out_features, block):
             r1 = min(out_features, r0 + block)
-            grad = sum(g[r0:r1] @ x.t() for x, g in captured)
-            scores = grad.abs().reshape(-1).to(torch.float64)
+            scores = buffer[:r1 - r0]
+            torch.mm(g_t[r0:r1], x, out=scores)
             lo, hi = r0 * in_features, r1 * in_features
-            inside = closed[(closed >= lo) & (closed < hi)] - lo
-            scores[inside] = -math.inf
-            if best_scores.numel() >= k:  # only what can enter the running top-k
-                candidates = (scores > best_scores.min()).nonzero().squeeze(1)
+            a, b = torch.searchsorted(closed, torch.tensor([lo, hi], device=device))
+            inside = closed[int(a):int(b)] - lo  # closed is sorted
+            # a later position equal to the threshold loses to the chosen, lower one
+            if threshold > -math.inf and kernels is not None and scores.device.type == "cpu":
+                found, candidates = kernels.grow_candidates(scores.reshape(-1), threshold,
+                                                            inside)
             else:
-                candidates = (scores > -math.inf).nonzero().squeeze(1)
-            best_scores = torch.cat([best_scores, scores[candidates]])
-            best_positions = torch.cat([best_positions, candidates + lo])
-            if best_scores.numel() > k:
-                # a stable sort keeps the lower position first among equal scores
-                order = torch.sort(best_scores, descending=True, stable=True).indices[:k]
-                best_scores, best_positions = best_scores[order], best_positions[order]
+                scores = scores.abs_().reshape(-1)
+                scores[inside] = -math.inf
+                keep = scores > threshold
+                if threshold == -math.inf and scores.numel() > k:  # at most k (+ ties) a block
+                    keep &= scores >= torch.kthvalue(scores, scores.numel() - k + 1).values
+                candidates = keep.nonzero().squeeze(1)
+                found = scores[candidates]
+            pending_scores.append(found)
+            pending_positions.append(candidates + lo)
+            pending += candidates.numel()
+            if best_scores.numel() + pending >= 2 * k or r1 == out_features:
+                best_scores, best_positions = _top_k_lowest_first(
+                    torch.cat([best_scores, *pending_scores]),
+                    torch.cat([best_positions, *pending_positions]), k)
+                pending_scores, pending_positions, pending = [], [], 0
+                if best_scores.numel() == k:
+                    threshold = float(best_scores.min())
         return best_positions
 
     @torch.no_grad()

@@ -44,6 +44,7 @@ class TrainConfig:
     drop_fraction_decay: str = "cosine"
     t_end: float = 0.75
     method_options: dict[str, Any] = field(default_factory=dict)
+    backend: str = "masked"
     prune_scope: str = "global"
     prune_iterations: int | None = None
     prune_batches: int = 4
@@ -244,6 +245,11 @@ def check(config: TrainConfig) -> None:
     _require(config.checkpoint_every >= 0, "checkpoint_every must not be negative (0: per epoch)")
     _require(config.log_every > 0, "log_every must be positive")
     _require(config.train_size is None or config.train_size > 0, "train_size must be positive")
+    _require(config.backend in ("masked", "csr"),
+             f"backend must be 'masked' or 'csr', got {config.backend!r}")
+    _require(config.backend == "masked" or config.method not in ("dense", "small-dense"),
+             f"backend 'csr' holds sparse weights; method {config.method!r} has none: use "
+             "--backend masked")
     _require(config.device in ("auto", "cpu") or config.device.startswith("cuda"),
              f"device must be 'auto', 'cpu' or 'cuda[:N]', got {config.device!r}")
 

@@ -185,10 +185,11 @@ class Trainer:
         self.state = RunState()
         self._stop_requested = False
         checkpoint = self._load_checkpoint() if resume else None
-        self.sparsifier = self._make_sparsifier(pruned_masks=checkpoint is None)
         self._example = self.data.prepare(self.data.train_x[:1], train=False).to(self.device)
+        # before the sparsifier: on the CSR backend it replaces the dense layers
         reference = self.model if config.method != SMALL_DENSE else self._build(config.width)
         self.dense_flops = flops(reference.to(self.device), self._example).total
+        self.sparsifier = self._make_sparsifier(checkpoint)
         self.ever_active = {n: m.clone() for n, m in self._masks().items()}
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -234,16 +235,17 @@ class Trainer:
                 / sum(m.numel() for m in self.ever_active.values()))
 
     # --- building -------------------------------------------------------------------------
-    def _make_sparsifier(self, pruned_masks: bool):
+    def _make_sparsifier(self, checkpoint: dict[str, Any] | None):
         c = self.config
         common = dict(density=c.density, total_steps=self.total_steps,
-                      dense_layers=list(c.dense_layers), seed=c.seed)
+                      dense_layers=list(c.dense_layers), seed=c.seed, backend=c.backend)
         if c.method in ("dense", SMALL_DENSE):
             return None
         if c.method in PRUNE_AT_INIT_METHODS:
-            masks = None
-            if pruned_masks:  # on resume the checkpoint holds the masks
-                masks = self._prune_at_init()
+            # on resume the checkpoint holds the masks (their per-layer counts are the
+            # pruning's, which a CSR layer must have before the weights are loaded)
+            masks = (self._prune_at_init() if checkpoint is None
+                     else self._saved_masks(checkpoint.get("sparsifier") or {}))
             return Static(self.model, self.optimizer, distribution=c.distribution, masks=masks,
                           **common)
         options: dict[str, Any] = dict(distribution=c.distribution, delta_t=c.delta_t)
@@ -256,6 +258,20 @@ class Trainer:
         except TypeError as exc:
             raise ConfigError(f"method {c.method!r} does not take these method_options: "
                               f"{exc}") from None
+
+    def _saved_masks(self, state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The masks of a saved sparsifier state (bool masks, or CSR layers' positions)."""
+        if not isinstance(state.get("masks"), dict):
+            return None
+        masks = dict(state["masks"])
+        params = dict(self.model.named_parameters())
+        for name, positions in (state.get("positions") or {}).items():
+            if name not in params or not torch.is_tensor(positions):
+                return None  # left to the sparsifier's own checks when it loads the state
+            mask = torch.zeros(params[name].numel(), dtype=torch.bool)
+            mask[positions.long()] = True
+            masks[name] = mask.view(params[name].shape).to(params[name].device)
+        return masks
 
     def _prune_at_init(self):
         c = self.config
@@ -358,10 +374,13 @@ class Trainer:
 
     def density(self) -> float:
         """Fraction of the sparsifiable weights that are active (dense layers count fully)."""
-        params = dict(self.model.named_parameters())
+        sizes = {n: p.numel() for n, p in self.model.named_parameters()}
+        if self.sparsifier is not None:  # CSR layers have no dense weight parameter
+            backend = self.sparsifier.backend
+            sizes.update({n: backend.numel(n) for n in backend.names})
         densities = self.layer_densities()
-        total = sum(params[n].numel() for n in densities)
-        return sum(d * params[n].numel() for n, d in densities.items()) / total
+        total = sum(sizes[n] for n in densities)
+        return sum(d * sizes[n] for n, d in densities.items()) / total
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:

@@ -1,202 +1,319 @@
 // CSR kernels for sparsetrain's CSRLinear, parallel with OpenMP.
 //
-// Dense operands are "transposed" (features x batch, contiguous), so every inner loop runs over
-// the batch with unit stride and vectorises. The batch is cut into tiles of BT columns: a tile's
-// accumulators stay in vector registers, and the slice of the dense operand a tile reads
-// (features x BT) stays in the core's L2 cache while every row is processed.
+// W is rows x cols with non-zeros (r, col[k], values[k]), r given by the row pointers crow.
+// Dense operands are packed "tile-major": (tiles, features, BT), the batch cut into tiles of BT
+// examples (zero-padded), each tile one contiguous block. A kernel works through one tile at a
+// time: the BT accumulators of a row stay in vector registers, and the tile's block of the
+// dense operand (features x BT, about 1 MB for 4096 features) stays in the core's L2 cache.
+// (Reading BT-wide slices of a features x batch array instead strides through memory and uses
+// only part of the cache's sets: the forward product ran at half the speed.)
 //
-// The three products of a training step, for W (rows x cols) with non-zeros (r, col[k], v[k]):
-//   csr_spmm      out[r, :]      = sum_k v[k] * dense[col[k], :]        (forward)
-//   csr_spmm_t    out[col[k], :] += v[k] * dense[r, :]                   (input gradient)
-//   csr_sampled   grad[k]        = dot(a[r, :], b[col[k], :])             (weight gradient)
-// csr_spmm_t scatters: each thread owns a slice of the output rows (columns of W), found per
-// row by binary search in its sorted column indices, so no two threads write the same row and
-// no transposed copy of W is needed.
+//   csr_forward      y[b, r]         = sum_k values[k] x[b, col[k]]     (output (batch, rows))
+//   csr_input_grad   gx[b, col[k]]  += values[k] gy[b, r]               (scatter; (batch, cols))
+//   csr_weight_grad  grad[k]         = sum_b gy[b, r] x[b, col[k]]      (at the non-zeros)
+// csr_input_grad scatters: each thread owns a slice of the columns of W, found per row by
+// binary search in its sorted column indices, so no two threads write the same place and no
+// transposed copy of W is needed.
 #include <torch/extension.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 namespace {
 
-constexpr int kVectorBytes = 64;  // one cache line, one AVX-512 register
+// Batch tile: 4 AVX-512 registers (64 floats, 32 doubles).
+template <typename T> constexpr int tile_width() { return 256 / sizeof(T); }
 
-// Tile widths in elements: forward 4 registers, scatter 8, sampled 16.
-template <typename T> constexpr int fwd_tile() { return 4 * kVectorBytes / sizeof(T); }
-template <typename T> constexpr int scatter_tile() { return 8 * kVectorBytes / sizeof(T); }
-template <typename T> constexpr int sampled_tile() { return 16 * kVectorBytes / sizeof(T); }
+int64_t n_tiles(int64_t batch, int bt) { return (batch + bt - 1) / bt; }
 
-// One row of the forward product over one batch tile of (compile-time) width BT, or of run-time
-// width `width` <= BT when BT is the tail case (FULL == false).
-template <typename T, int BT, bool FULL>
-inline void spmm_row(const int64_t* col, const T* values, int64_t k0, int64_t k1, const T* dense,
-                     int64_t batch, int64_t b0, int width, T* out_row) {
-  T acc[BT];
-  const int n = FULL ? BT : width;
-#pragma GCC unroll 64
-  for (int b = 0; b < BT; ++b) acc[b] = 0;
-  for (int64_t k = k0; k < k1; ++k) {
-    const T v = values[k];
-    const T* d = dense + col[k] * batch + b0;
-    if (FULL) {
-#pragma GCC unroll 64
-      for (int b = 0; b < BT; ++b) acc[b] += v * d[b];
-    } else {
-#pragma omp simd
-      for (int b = 0; b < n; ++b) acc[b] += v * d[b];
+// (batch, feat) row-major -> (tiles, feat, BT), zero-padded
+template <typename T>
+void pack(const T* x, T* tiles, int64_t batch, int64_t feat) {
+  constexpr int BT = tile_width<T>();
+  const int64_t nt = n_tiles(batch, BT);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t t = 0; t < nt; ++t) {
+    for (int64_t f0 = 0; f0 < feat; f0 += 64) {
+      const int64_t f1 = std::min(feat, f0 + 64);
+      T* out = tiles + t * feat * BT;
+      for (int b = 0; b < BT; ++b) {
+        const int64_t row = t * BT + b;
+        if (row < batch) {
+          const T* in = x + row * feat;
+          for (int64_t f = f0; f < f1; ++f) out[f * BT + b] = in[f];
+        } else {
+          for (int64_t f = f0; f < f1; ++f) out[f * BT + b] = 0;
+        }
+      }
     }
   }
-  for (int b = 0; b < n; ++b) out_row[b0 + b] = acc[b];
+}
+
+// (tiles, feat, BT) -> (batch, feat)
+template <typename T>
+void unpack(const T* tiles, T* x, int64_t batch, int64_t feat) {
+  constexpr int BT = tile_width<T>();
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < batch; ++row) {
+    const T* in = tiles + (row / BT) * feat * BT + (row % BT);
+    T* out = x + row * feat;
+    for (int64_t f = 0; f < feat; ++f) out[f] = in[f * BT];
+  }
 }
 
 template <typename T>
-void spmm(const int64_t* crow, const int64_t* col, const T* values, const T* dense, T* out,
-          int64_t rows, int64_t batch) {
-  constexpr int BT = fwd_tile<T>();
+void forward(const int64_t* crow, const int64_t* col, const T* values, const T* x_tiles, T* y,
+             int64_t rows, int64_t cols, int64_t batch) {
+  constexpr int BT = tile_width<T>();
+  const int64_t nt = n_tiles(batch, BT);
 #pragma omp parallel
-  for (int64_t b0 = 0; b0 < batch; b0 += BT) {
-    const int width = static_cast<int>(std::min<int64_t>(BT, batch - b0));
-#pragma omp for schedule(dynamic, 32) nowait
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* tile = x_tiles + t * cols * BT;
+    const int width = static_cast<int>(std::min<int64_t>(BT, batch - t * BT));
+    T* y_tile = y + t * BT * rows;
+#pragma omp for schedule(dynamic, 16) nowait
     for (int64_t r = 0; r < rows; ++r) {
-      if (width == BT)
-        spmm_row<T, BT, true>(col, values, crow[r], crow[r + 1], dense, batch, b0, BT,
-                              out + r * batch);
-      else
-        spmm_row<T, BT, false>(col, values, crow[r], crow[r + 1], dense, batch, b0, width,
-                               out + r * batch);
-    }
-  }
-}
-
-template <typename T, int BT, bool FULL>
-inline void scatter_row(const int64_t* col, const T* values, int64_t k0, int64_t k1,
-                        const T* dense_row, int64_t batch, int64_t b0, int width, T* out) {
-  T src[BT];
-  const int n = FULL ? BT : width;
-  for (int b = 0; b < n; ++b) src[b] = dense_row[b0 + b];
-  for (int64_t k = k0; k < k1; ++k) {
-    const T v = values[k];
-    T* o = out + col[k] * batch + b0;
-    if (FULL) {
+      T acc[BT];
 #pragma GCC unroll 64
-      for (int b = 0; b < BT; ++b) o[b] += v * src[b];
-    } else {
-#pragma omp simd
-      for (int b = 0; b < n; ++b) o[b] += v * src[b];
+      for (int b = 0; b < BT; ++b) acc[b] = 0;
+      for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+        const T v = values[k];
+        const T* d = tile + col[k] * BT;
+#pragma GCC unroll 64
+        for (int b = 0; b < BT; ++b) acc[b] += v * d[b];
+      }
+      for (int b = 0; b < width; ++b) y_tile[b * rows + r] = acc[b];
     }
   }
 }
 
 template <typename T>
-void spmm_t(const int64_t* crow, const int64_t* col, const T* values, const T* dense, T* out,
-            int64_t rows, int64_t cols, int64_t batch) {
-  constexpr int BT = scatter_tile<T>();
+void input_grad(const int64_t* crow, const int64_t* col, const T* values, const T* gy_tiles,
+                T* out_tiles, int64_t rows, int64_t cols, int64_t batch) {
+  constexpr int BT = tile_width<T>();
+  const int64_t nt = n_tiles(batch, BT);
 #pragma omp parallel
   {
     const int threads = omp_get_num_threads(), me = omp_get_thread_num();
     const int64_t c0 = cols * me / threads, c1 = cols * (me + 1) / threads;
-    std::fill(out + c0 * batch, out + c1 * batch, T(0));
-    for (int64_t b0 = 0; b0 < batch; b0 += BT) {
-      const int width = static_cast<int>(std::min<int64_t>(BT, batch - b0));
+    std::vector<int64_t> k0(rows), k1(rows);  // this thread's slice of every row
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t* first = col + crow[r];
+      const int64_t* last = col + crow[r + 1];
+      k0[r] = std::lower_bound(first, last, c0) - col;
+      k1[r] = std::lower_bound(first, last, c1) - col;
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      T* out = out_tiles + t * cols * BT;
+      std::fill(out + c0 * BT, out + c1 * BT, T(0));
+      const T* src_tile = gy_tiles + t * rows * BT;
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t* first = col + crow[r];
-        const int64_t* last = col + crow[r + 1];
-        const int64_t k0 = std::lower_bound(first, last, c0) - col;
-        const int64_t k1 = std::lower_bound(first, last, c1) - col;
-        if (k0 == k1) continue;
-        if (width == BT)
-          scatter_row<T, BT, true>(col, values, k0, k1, dense + r * batch, batch, b0, BT, out);
-        else
-          scatter_row<T, BT, false>(col, values, k0, k1, dense + r * batch, batch, b0, width,
-                                    out);
+        if (k0[r] == k1[r]) continue;
+        T src[BT];
+#pragma GCC unroll 64
+        for (int b = 0; b < BT; ++b) src[b] = src_tile[r * BT + b];
+        for (int64_t k = k0[r]; k < k1[r]; ++k) {
+          const T v = values[k];
+          T* __restrict__ o = out + col[k] * BT;
+#pragma omp simd
+          for (int b = 0; b < BT; ++b) o[b] += v * src[b];
+        }
       }
     }
   }
 }
 
+// Every tile of a non-zero's column in one pass, the BT partial sums kept in registers and
+// reduced once per non-zero (reducing per tile cost more than the tiles' cache locality won).
 template <typename T>
-void sampled(const int64_t* crow, const int64_t* col, const T* a, const T* bm, T* grad,
-             int64_t rows, int64_t batch) {
-  constexpr int BT = sampled_tile<T>();
-  constexpr int kAhead = 2;  // prefetch the dense row this many non-zeros ahead
+void weight_grad(const int64_t* crow, const int64_t* col, const T* gy_tiles, const T* x_tiles,
+                 T* grad, int64_t rows, int64_t cols, int64_t batch) {
+  constexpr int BT = tile_width<T>();
+  constexpr int64_t kAhead = 2;
+  const int64_t nt = n_tiles(batch, BT);
 #pragma omp parallel
-  for (int64_t b0 = 0; b0 < batch; b0 += BT) {
-    const int width = static_cast<int>(std::min<int64_t>(BT, batch - b0));
-    const bool first_tile = b0 == 0;
-#pragma omp for schedule(dynamic, 32)
+  {
+    std::vector<T> a(nt * BT);
+#pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < rows; ++r) {
-      T ar[BT];
-      for (int b = 0; b < width; ++b) ar[b] = a[r * batch + b0 + b];
+      for (int64_t t = 0; t < nt; ++t)
+        std::copy(gy_tiles + (t * rows + r) * BT, gy_tiles + (t * rows + r + 1) * BT,
+                  a.data() + t * BT);
       const int64_t end = crow[r + 1];
       for (int64_t k = crow[r]; k < end; ++k) {
-        if (k + kAhead < end) {
-          const char* p = reinterpret_cast<const char*>(bm + col[k + kAhead] * batch + b0);
-          for (int64_t off = 0; off < int64_t(width * sizeof(T)); off += kVectorBytes)
-            __builtin_prefetch(p + off);
+        if (k + kAhead < end) {  // the column's lines, from every tile, a few non-zeros ahead
+          for (int64_t t = 0; t < nt; ++t) {
+            const char* p =
+                reinterpret_cast<const char*>(x_tiles + (t * cols + col[k + kAhead]) * BT);
+            for (int off = 0; off < BT * int(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+          }
         }
-        const T* c = bm + col[k] * batch + b0;
-        T acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int b = 0; b < width; ++b) acc += ar[b] * c[b];
-        grad[k] = first_tile ? acc : grad[k] + acc;
+        T acc[BT];
+#pragma GCC unroll 64
+        for (int b = 0; b < BT; ++b) acc[b] = 0;
+        for (int64_t t = 0; t < nt; ++t) {
+          const T* c = x_tiles + (t * cols + col[k]) * BT;
+          const T* at = a.data() + t * BT;
+#pragma GCC unroll 64
+          for (int b = 0; b < BT; ++b) acc[b] += at[b] * c[b];
+        }
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int b = 0; b < BT; ++b) sum += acc[b];
+        grad[k] = sum;
       }
     }
   }
 }
 
-void check(const torch::Tensor& crow, const torch::Tensor& col, const torch::Tensor& dense,
-           const char* what) {
+// Grow candidates of one block of a dense gradient (RigL): the entries whose |value| is above
+// `threshold`, skipping the sorted (block-relative) positions in `closed`, in position order.
+// Two passes over equal chunks, one per thread: count, then write at each chunk's offset.
+template <typename T>
+void candidates(const T* grad, int64_t n, double threshold, const int64_t* closed,
+                int64_t n_closed, std::vector<int64_t>& index, std::vector<T>& score) {
+  const int threads = omp_get_max_threads();
+  std::vector<int64_t> counts(threads + 1, 0);
+#pragma omp parallel num_threads(threads)
+  {
+    const int me = omp_get_thread_num();
+    const int64_t i0 = n * me / threads, i1 = n * (me + 1) / threads;
+    int64_t c = std::lower_bound(closed, closed + n_closed, i0) - closed;
+    int64_t count = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      if (c < n_closed && closed[c] == i) { ++c; continue; }
+      count += static_cast<double>(std::abs(grad[i])) > threshold;
+    }
+    counts[me + 1] = count;
+#pragma omp barrier
+#pragma omp single
+    {
+      for (int t = 0; t < threads; ++t) counts[t + 1] += counts[t];
+      index.resize(counts[threads]);
+      score.resize(counts[threads]);
+    }
+    int64_t out = counts[me];
+    c = std::lower_bound(closed, closed + n_closed, i0) - closed;
+    for (int64_t i = i0; i < i1; ++i) {
+      if (c < n_closed && closed[c] == i) { ++c; continue; }
+      const T a = std::abs(grad[i]);
+      if (static_cast<double>(a) > threshold) { index[out] = i; score[out] = a; ++out; }
+    }
+  }
+}
+
+
+void check_indices(const torch::Tensor& crow, const torch::Tensor& col, const char* what) {
   TORCH_CHECK(crow.scalar_type() == torch::kInt64 && col.scalar_type() == torch::kInt64,
               what, ": CSR indices must be int64");
-  TORCH_CHECK(crow.is_contiguous() && col.is_contiguous() && dense.is_contiguous(), what,
-              ": operands must be contiguous");
-  TORCH_CHECK(dense.dim() == 2, what, ": the dense operand must be 2-D");
+  TORCH_CHECK(crow.is_contiguous() && col.is_contiguous(), what, ": indices must be contiguous");
+}
+
+void check_tiles(const torch::Tensor& tiles, int64_t feat, const char* what) {
+  TORCH_CHECK(tiles.dim() == 3 && tiles.is_contiguous() && tiles.size(1) == feat, what,
+              ": expected packed (tiles, ", feat, ", width) operands");
 }
 
 }  // namespace
 
-// dense_t: (cols, batch); returns (rows, batch)
-torch::Tensor csr_spmm(torch::Tensor crow, torch::Tensor col, torch::Tensor values,
-                       torch::Tensor dense_t, int64_t rows) {
-  check(crow, col, dense_t, "csr_spmm");
-  auto out = torch::empty({rows, dense_t.size(1)}, dense_t.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "csr_spmm", [&] {
-    spmm<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
-                   values.data_ptr<scalar_t>(), dense_t.data_ptr<scalar_t>(),
-                   out.data_ptr<scalar_t>(), rows, dense_t.size(1));
+int64_t tile_width_for(torch::Tensor like) {
+  int64_t width = 0;
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "tile_width", [&] {
+    width = tile_width<scalar_t>();
   });
-  return out;
+  return width;
 }
 
-// dense_t: (rows, batch); returns W^T dense_t, (cols, batch)
-torch::Tensor csr_spmm_t(torch::Tensor crow, torch::Tensor col, torch::Tensor values,
-                         torch::Tensor dense_t, int64_t cols) {
-  check(crow, col, dense_t, "csr_spmm_t");
-  auto out = torch::empty({cols, dense_t.size(1)}, dense_t.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "csr_spmm_t", [&] {
-    spmm_t<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
-                     values.data_ptr<scalar_t>(), dense_t.data_ptr<scalar_t>(),
-                     out.data_ptr<scalar_t>(), crow.size(0) - 1, cols, dense_t.size(1));
+// x: (batch, feat) -> (tiles, feat, width)
+torch::Tensor pack_tiles(torch::Tensor x) {
+  x = x.contiguous();
+  TORCH_CHECK(x.dim() == 2, "pack_tiles: expected a 2-D tensor");
+  const int64_t width = tile_width_for(x);
+  auto tiles = torch::empty({n_tiles(x.size(0), width), x.size(1), width}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pack_tiles", [&] {
+    pack<scalar_t>(x.data_ptr<scalar_t>(), tiles.data_ptr<scalar_t>(), x.size(0), x.size(1));
   });
-  return out;
+  return tiles;
 }
 
-// a_t: (rows, batch), b_t: (cols, batch); returns the nnz-vector of a_t @ b_t^T at the pattern
-torch::Tensor csr_sampled(torch::Tensor crow, torch::Tensor col, torch::Tensor a_t,
-                          torch::Tensor b_t) {
-  check(crow, col, a_t, "csr_sampled");
-  check(crow, col, b_t, "csr_sampled");
-  auto grad = torch::empty({col.size(0)}, a_t.options());
-  AT_DISPATCH_FLOATING_TYPES(a_t.scalar_type(), "csr_sampled", [&] {
-    sampled<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
-                      a_t.data_ptr<scalar_t>(), b_t.data_ptr<scalar_t>(),
-                      grad.data_ptr<scalar_t>(), crow.size(0) - 1, a_t.size(1));
+// tiles: (tiles, feat, width) -> (batch, feat)
+torch::Tensor unpack_tiles(torch::Tensor tiles, int64_t batch) {
+  auto x = torch::empty({batch, tiles.size(1)}, tiles.options());
+  AT_DISPATCH_FLOATING_TYPES(tiles.scalar_type(), "unpack_tiles", [&] {
+    unpack<scalar_t>(tiles.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), batch, tiles.size(1));
+  });
+  return x;
+}
+
+torch::Tensor csr_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor values,
+                          torch::Tensor x_tiles, int64_t rows, int64_t cols, int64_t batch) {
+  check_indices(crow, col, "csr_forward");
+  check_tiles(x_tiles, cols, "csr_forward");
+  auto y = torch::empty({batch, rows}, x_tiles.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "csr_forward", [&] {
+    forward<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+                      values.data_ptr<scalar_t>(), x_tiles.data_ptr<scalar_t>(),
+                      y.data_ptr<scalar_t>(), rows, cols, batch);
+  });
+  return y;
+}
+
+// returns grad_x (batch, cols)
+torch::Tensor csr_input_grad(torch::Tensor crow, torch::Tensor col, torch::Tensor values,
+                             torch::Tensor gy_tiles, int64_t cols, int64_t batch) {
+  check_indices(crow, col, "csr_input_grad");
+  const int64_t rows = crow.size(0) - 1;
+  check_tiles(gy_tiles, rows, "csr_input_grad");
+  auto out = torch::empty({gy_tiles.size(0), cols, gy_tiles.size(2)}, gy_tiles.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "csr_input_grad", [&] {
+    input_grad<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+                         values.data_ptr<scalar_t>(), gy_tiles.data_ptr<scalar_t>(),
+                         out.data_ptr<scalar_t>(), rows, cols, batch);
+  });
+  return unpack_tiles(out, batch);
+}
+
+torch::Tensor csr_weight_grad(torch::Tensor crow, torch::Tensor col, torch::Tensor gy_tiles,
+                              torch::Tensor x_tiles, int64_t cols, int64_t batch) {
+  check_indices(crow, col, "csr_weight_grad");
+  const int64_t rows = crow.size(0) - 1;
+  check_tiles(gy_tiles, rows, "csr_weight_grad");
+  check_tiles(x_tiles, cols, "csr_weight_grad");
+  auto grad = torch::empty({col.size(0)}, gy_tiles.options());
+  AT_DISPATCH_FLOATING_TYPES(gy_tiles.scalar_type(), "csr_weight_grad", [&] {
+    weight_grad<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+                          gy_tiles.data_ptr<scalar_t>(), x_tiles.data_ptr<scalar_t>(),
+                          grad.data_ptr<scalar_t>(), rows, cols, batch);
   });
   return grad;
 }
 
+// grad: contiguous block of a dense gradient; closed: sorted block-relative positions to skip.
+// Returns (scores |grad| > threshold, their block-relative positions), in position order.
+std::vector<torch::Tensor> grow_candidates(torch::Tensor grad, double threshold,
+                                           torch::Tensor closed) {
+  TORCH_CHECK(grad.is_contiguous() && closed.is_contiguous() &&
+              closed.scalar_type() == torch::kInt64, "grow_candidates: bad operands");
+  std::vector<torch::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "grow_candidates", [&] {
+    std::vector<int64_t> index;
+    std::vector<scalar_t> score;
+    candidates<scalar_t>(grad.data_ptr<scalar_t>(), grad.numel(), threshold,
+                         closed.data_ptr<int64_t>(), closed.numel(), index, score);
+    auto n = static_cast<int64_t>(index.size());
+    result.push_back(torch::from_blob(score.data(), {n}, grad.options()).clone());
+    result.push_back(torch::from_blob(index.data(), {n}, closed.options()).clone());
+  });
+  return result;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("csr_spmm", &csr_spmm, "CSR times dense (features x batch)");
-  m.def("csr_spmm_t", &csr_spmm_t, "transposed CSR times dense, by scatter");
-  m.def("csr_sampled", &csr_sampled, "sampled dense-dense product at a CSR pattern");
+  m.def("pack_tiles", &pack_tiles, "(batch, features) -> (tiles, features, width)");
+  m.def("unpack_tiles", &unpack_tiles, "(tiles, features, width) -> (batch, features)");
+  m.def("csr_forward", &csr_forward, "x W^T for a CSR W, x packed");
+  m.def("csr_input_grad", &csr_input_grad, "grad_y W for a CSR W, grad_y packed");
+  m.def("csr_weight_grad", &csr_weight_grad, "grad_y^T x at the non-zeros of W, both packed");
+  m.def("grow_candidates", &grow_candidates, "entries of a gradient block above a threshold");
 }
