@@ -72,9 +72,9 @@ class _CSRLinearFunction(torch.autograd.Function):
         ctx.capture = capture
         if ctx.kernels:  # the batch packed in tiles: see csrc/csr_kernels.cpp
             kernels = compiled_kernels()
-            x_tiles = kernels.pack_tiles(x)
+            x_tiles = kernels.pack_tiles(x.t())  # free of a transpose after a CSR layer
             y = kernels.csr_forward(crow, col, values.contiguous(), x_tiles, shape[0],
-                                    shape[1], x.shape[0])
+                                    shape[1], x.shape[0]).t()
             ctx.save_for_backward(x_tiles, values, crow, col)
         else:
             y = (_csr(crow, col, values, shape) @ x.t()).t()
@@ -88,15 +88,14 @@ class _CSRLinearFunction(torch.autograd.Function):
         saved, values, crow, col = ctx.saved_tensors
         out_features, in_features = ctx.shape
         grad_x = grad_values = None
-        grad_y = grad_y.contiguous()
         if ctx.capture is not None:
             ctx.capture.append((ctx.x, grad_y))
         if ctx.kernels:
             kernels, batch = compiled_kernels(), grad_y.shape[0]
-            gy_tiles = kernels.pack_tiles(grad_y)
+            gy_tiles = kernels.pack_tiles(grad_y.t())
             if ctx.needs_input_grad[0]:
                 grad_x = kernels.csr_input_grad(crow, col, values.contiguous(), gy_tiles,
-                                                in_features, batch)
+                                                in_features, batch).t()
             if ctx.needs_input_grad[1]:
                 grad_values = kernels.csr_weight_grad(crow, col, gy_tiles, saved, in_features,
                                                       batch)

@@ -8,9 +8,12 @@
 // (Reading BT-wide slices of a features x batch array instead strides through memory and uses
 // only part of the cache's sets: the forward product ran at half the speed.)
 //
-//   csr_forward      y[b, r]         = sum_k values[k] x[b, col[k]]     (output (batch, rows))
-//   csr_input_grad   gx[b, col[k]]  += values[k] gy[b, r]               (scatter; (batch, cols))
+//   csr_forward      y[b, r]         = sum_k values[k] x[b, col[k]]
+//   csr_input_grad   gx[b, col[k]]  += values[k] gy[b, r]               (a scatter)
 //   csr_weight_grad  grad[k]         = sum_b gy[b, r] x[b, col[k]]      (at the non-zeros)
+// Between layers the activations and their gradients are "transposed", features x batch
+// (returned to torch as transposed views, so one CSR layer feeds the next with no copy); the
+// packing into tiles and back is a block copy.
 // csr_input_grad scatters: each thread owns a slice of the columns of W, found per row by
 // binary search in its sorted column indices, so no two threads write the same place and no
 // transposed copy of W is needed.
@@ -28,43 +31,40 @@ template <typename T> constexpr int tile_width() { return 256 / sizeof(T); }
 
 int64_t n_tiles(int64_t batch, int bt) { return (batch + bt - 1) / bt; }
 
-// (batch, feat) row-major -> (tiles, feat, BT), zero-padded
+// (feat, batch) -> (tiles, feat, BT), zero-padded: a block copy of BT-wide row slices
 template <typename T>
-void pack(const T* x, T* tiles, int64_t batch, int64_t feat) {
+void pack(const T* x_t, T* tiles, int64_t batch, int64_t feat) {
   constexpr int BT = tile_width<T>();
   const int64_t nt = n_tiles(batch, BT);
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t t = 0; t < nt; ++t) {
-    for (int64_t f0 = 0; f0 < feat; f0 += 64) {
-      const int64_t f1 = std::min(feat, f0 + 64);
-      T* out = tiles + t * feat * BT;
-      for (int b = 0; b < BT; ++b) {
-        const int64_t row = t * BT + b;
-        if (row < batch) {
-          const T* in = x + row * feat;
-          for (int64_t f = f0; f < f1; ++f) out[f * BT + b] = in[f];
-        } else {
-          for (int64_t f = f0; f < f1; ++f) out[f * BT + b] = 0;
-        }
-      }
+    for (int64_t f = 0; f < feat; ++f) {
+      const int width = static_cast<int>(std::min<int64_t>(BT, batch - t * BT));
+      const T* in = x_t + f * batch + t * BT;
+      T* out = tiles + (t * feat + f) * BT;
+      std::copy(in, in + width, out);
+      std::fill(out + width, out + BT, T(0));
     }
   }
 }
 
-// (tiles, feat, BT) -> (batch, feat)
+// (tiles, feat, BT) -> (feat, batch)
 template <typename T>
-void unpack(const T* tiles, T* x, int64_t batch, int64_t feat) {
+void unpack(const T* tiles, T* x_t, int64_t batch, int64_t feat) {
   constexpr int BT = tile_width<T>();
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < batch; ++row) {
-    const T* in = tiles + (row / BT) * feat * BT + (row % BT);
-    T* out = x + row * feat;
-    for (int64_t f = 0; f < feat; ++f) out[f] = in[f * BT];
+  const int64_t nt = n_tiles(batch, BT);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t f = 0; f < feat; ++f) {
+    for (int64_t t = 0; t < nt; ++t) {
+      const int width = static_cast<int>(std::min<int64_t>(BT, batch - t * BT));
+      const T* in = tiles + (t * feat + f) * BT;
+      std::copy(in, in + width, x_t + f * batch + t * BT);
+    }
   }
 }
 
 template <typename T>
-void forward(const int64_t* crow, const int64_t* col, const T* values, const T* x_tiles, T* y,
+void forward(const int64_t* crow, const int64_t* col, const T* values, const T* x_tiles, T* y_t,
              int64_t rows, int64_t cols, int64_t batch) {
   constexpr int BT = tile_width<T>();
   const int64_t nt = n_tiles(batch, BT);
@@ -72,7 +72,6 @@ void forward(const int64_t* crow, const int64_t* col, const T* values, const T* 
   for (int64_t t = 0; t < nt; ++t) {
     const T* tile = x_tiles + t * cols * BT;
     const int width = static_cast<int>(std::min<int64_t>(BT, batch - t * BT));
-    T* y_tile = y + t * BT * rows;
 #pragma omp for schedule(dynamic, 16) nowait
     for (int64_t r = 0; r < rows; ++r) {
       T acc[BT];
@@ -84,7 +83,8 @@ void forward(const int64_t* crow, const int64_t* col, const T* values, const T* 
 #pragma GCC unroll 64
         for (int b = 0; b < BT; ++b) acc[b] += v * d[b];
       }
-      for (int b = 0; b < width; ++b) y_tile[b * rows + r] = acc[b];
+      T* out = y_t + r * batch + t * BT;
+      for (int b = 0; b < width; ++b) out[b] = acc[b];
     }
   }
 }
@@ -226,41 +226,43 @@ int64_t tile_width_for(torch::Tensor like) {
   return width;
 }
 
-// x: (batch, feat) -> (tiles, feat, width)
-torch::Tensor pack_tiles(torch::Tensor x) {
-  x = x.contiguous();
-  TORCH_CHECK(x.dim() == 2, "pack_tiles: expected a 2-D tensor");
-  const int64_t width = tile_width_for(x);
-  auto tiles = torch::empty({n_tiles(x.size(0), width), x.size(1), width}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pack_tiles", [&] {
-    pack<scalar_t>(x.data_ptr<scalar_t>(), tiles.data_ptr<scalar_t>(), x.size(0), x.size(1));
+// x_t: (feat, batch) -> (tiles, feat, width)
+torch::Tensor pack_tiles(torch::Tensor x_t) {
+  x_t = x_t.contiguous();
+  TORCH_CHECK(x_t.dim() == 2, "pack_tiles: expected a 2-D tensor");
+  const int64_t width = tile_width_for(x_t), batch = x_t.size(1);
+  auto tiles = torch::empty({n_tiles(batch, width), x_t.size(0), width}, x_t.options());
+  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "pack_tiles", [&] {
+    pack<scalar_t>(x_t.data_ptr<scalar_t>(), tiles.data_ptr<scalar_t>(), batch, x_t.size(0));
   });
   return tiles;
 }
 
-// tiles: (tiles, feat, width) -> (batch, feat)
+// tiles: (tiles, feat, width) -> (feat, batch)
 torch::Tensor unpack_tiles(torch::Tensor tiles, int64_t batch) {
-  auto x = torch::empty({batch, tiles.size(1)}, tiles.options());
+  auto x_t = torch::empty({tiles.size(1), batch}, tiles.options());
   AT_DISPATCH_FLOATING_TYPES(tiles.scalar_type(), "unpack_tiles", [&] {
-    unpack<scalar_t>(tiles.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), batch, tiles.size(1));
+    unpack<scalar_t>(tiles.data_ptr<scalar_t>(), x_t.data_ptr<scalar_t>(), batch,
+                     tiles.size(1));
   });
-  return x;
+  return x_t;
 }
 
+// returns y^T = W x^T, (rows, batch)
 torch::Tensor csr_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor values,
                           torch::Tensor x_tiles, int64_t rows, int64_t cols, int64_t batch) {
   check_indices(crow, col, "csr_forward");
   check_tiles(x_tiles, cols, "csr_forward");
-  auto y = torch::empty({batch, rows}, x_tiles.options());
+  auto y_t = torch::empty({rows, batch}, x_tiles.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "csr_forward", [&] {
     forward<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
                       values.data_ptr<scalar_t>(), x_tiles.data_ptr<scalar_t>(),
-                      y.data_ptr<scalar_t>(), rows, cols, batch);
+                      y_t.data_ptr<scalar_t>(), rows, cols, batch);
   });
-  return y;
+  return y_t;
 }
 
-// returns grad_x (batch, cols)
+// returns grad_x^T = W^T grad_y^T, (cols, batch)
 torch::Tensor csr_input_grad(torch::Tensor crow, torch::Tensor col, torch::Tensor values,
                              torch::Tensor gy_tiles, int64_t cols, int64_t batch) {
   check_indices(crow, col, "csr_input_grad");
@@ -310,8 +312,8 @@ std::vector<torch::Tensor> grow_candidates(torch::Tensor grad, double threshold,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack_tiles", &pack_tiles, "(batch, features) -> (tiles, features, width)");
-  m.def("unpack_tiles", &unpack_tiles, "(tiles, features, width) -> (batch, features)");
+  m.def("pack_tiles", &pack_tiles, "(features, batch) -> (tiles, features, width)");
+  m.def("unpack_tiles", &unpack_tiles, "(tiles, features, width) -> (features, batch)");
   m.def("csr_forward", &csr_forward, "x W^T for a CSR W, x packed");
   m.def("csr_input_grad", &csr_input_grad, "grad_y W for a CSR W, grad_y packed");
   m.def("csr_weight_grad", &csr_weight_grad, "grad_y^T x at the non-zeros of W, both packed");
