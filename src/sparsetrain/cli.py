@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,6 +61,8 @@ HELP = {
     "checkpoint_every": "steps between checkpoints (0: only at epoch ends)",
     "log_every": "steps between training-metrics lines",
     "progress": "progress bar per epoch",
+    "check_masks": "under torchrun: compare a fingerprint of the masks across processes after "
+                   "every update and stop if they differ",
     "out": "run folder (default: derived from the settings, under --runs-dir)",
     "runs_dir": "where derived run folders go",
 }
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="YAML file of settings")
     train.add_argument("--resume", type=Path, metavar="RUN_FOLDER",
                        help="continue the run in this folder from its checkpoint")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train on N processes of this machine (data parallel, started "
+                            "through torchrun); --batch-size stays the total batch")
     for f in dataclasses.fields(TrainConfig):
         _add_setting(train, f)
     sweep = commands.add_parser(
@@ -222,11 +228,33 @@ def _list() -> int:
     return 0
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    result, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            result.append(item)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "list":
         return _list()
+    if args.command == "train" and args.nproc != 1:
+        if args.nproc < 1:
+            print("sparsetrain: error: --nproc must be a positive number of processes",
+                  file=sys.stderr)
+            return 2
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # not yet under torchrun
+            from .runner.distributed import launch
+
+            return launch(_without_nproc(argv), args.nproc)
     from .data import DataFileError
     from .runner.train import Trainer, TrainingError, run_folder
 
@@ -239,17 +267,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or "
                               "pass another --out")
         trainer = Trainer(config, out, resume=resume)
-        print(f"sparsetrain: {config.model} on {config.data} with {config.method} at density "
-              f"{config.density}, {config.epochs} epochs ({trainer.total_steps} steps) on "
-              f"{trainer.device}; run folder {out}", flush=True)
+        where = (f"{trainer.dist.world} processes ({trainer.device})" if trainer.dist.active
+                 else str(trainer.device))
+        trainer.log(f"sparsetrain: {config.model} on {config.data} with {config.method} at "
+                    f"density {config.density}, {config.epochs} epochs ({trainer.total_steps} "
+                    f"steps) on {where}; run folder {out}")
         summary = trainer.train()
     except (ConfigError, DataFileError, TrainingError, ValueError) as exc:
-        print(f"sparsetrain: error: {exc}", file=sys.stderr)
+        print(f"sparsetrain: error{_rank_suffix()}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sparsetrain: stopped", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0 if summary is not None else 130
+
+
+def _rank_suffix() -> str:
+    import torch.distributed as dist
+
+    return f" (rank {dist.get_rank()})" if dist.is_available() and dist.is_initialized() else ""
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -224,6 +224,22 @@ class DynamicSparsifier:
         b = self.backend
         return sum(b.n_active(n) for n in b.names) / sum(b.numel(n) for n in b.names)
 
+    def mask_fingerprint(self) -> torch.Tensor:
+        """A cheap summary of every layer's active set (int64, one row ``(count, hash)`` per
+        sparsified weight): equal on replicas that hold the same masks, and all but surely
+        different where they do not. Under data parallelism compare it across ranks."""
+        rows = []
+        for name in self.backend.names:
+            if self.backend.is_compact(name):
+                positions = self.backend.positions(name)
+            else:
+                positions = self.backend.masks[name].reshape(-1).nonzero().squeeze(1)
+            positions = positions.to(device="cpu", dtype=torch.int64)
+            # a sum of a mixing function of each position: order-free, wraps around in int64
+            mixed = (positions + 1) * 0x9E3779B1 ^ (positions >> 7) * 0x85EBCA77
+            rows.append(torch.stack([torch.tensor(positions.numel()), mixed.sum()]))
+        return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
+
     def is_update_step(self, t: int) -> bool:
         """Whether the ``t``-th call of ``step()`` updates the topology."""
         return self.updates_topology and is_update_step(

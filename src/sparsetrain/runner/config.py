@@ -70,13 +70,14 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     progress: bool = True
+    check_masks: bool = True
     out: str | None = None
     runs_dir: str = "runs"
 
     # Settings that change where or how visibly a run happens, not what it computes: they may
     # differ when a run is resumed, and are left out of derived run names.
     NON_SEMANTIC = ("device", "checkpoint_every", "log_every", "progress", "out", "runs_dir",
-                    "data_dir")
+                    "data_dir", "check_masks")
 
     @classmethod
     def keys(cls) -> list[str]:

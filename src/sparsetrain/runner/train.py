@@ -37,6 +37,7 @@ from ..flops import flops, training_flops_per_example
 from ..pruning import prune_at_init, small_dense_width
 from ..sparsity.targets import find_targets, partition
 from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig, save_yaml
+from .distributed import Distributed
 
 SMALL_DENSE = "small-dense"
 CHECKPOINT = "checkpoint.pt"
@@ -162,12 +163,18 @@ class Trainer:
     """Builds a run from a ``TrainConfig`` and trains it, resuming from ``out`` if asked."""
 
     def __init__(self, config: TrainConfig, out: Path, *, resume: bool = False,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None,
+                 distributed: Distributed | None = None):
         self.config = config
         self.out = Path(out)
-        self.log = log or (lambda message: print(message, flush=True))
+        self.dist = distributed or Distributed.from_environment(config.device)
+        say = log or (lambda message: print(message, flush=True))
+        self.log = say if self.dist.is_main else (lambda message: None)  # rank 0 speaks
         check_method(config.method)
-        self.device = resolve_device(config.device)
+        self.device = self.dist.device(resolve_device(config.device))
+        if config.batch_size < self.dist.world:
+            raise ConfigError(f"batch_size {config.batch_size} is the total batch over all "
+                              f"{self.dist.world} processes, so it must be at least that")
         self.data = load_dataset(config.data, config.data_dir, **config.data_options)
         n_train = len(self.data.train_y)
         if config.train_size is not None:
@@ -190,6 +197,15 @@ class Trainer:
         reference = self.model if config.method != SMALL_DENSE else self._build(config.width)
         self.dense_flops = flops(reference.to(self.device), self._example).total
         self.sparsifier = self._make_sparsifier(checkpoint)
+        self.net = self.model  # what the training steps run: the model, or its DDP wrapper
+        if self.dist.active:
+            # after the sparsifier: it names weights as the model does, and the CSR backend
+            # replaces layers, which DDP must see in their final form
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            torch.manual_seed(config.seed * 1000 + self.dist.rank)  # dropout differs per rank
         self.ever_active = {n: m.clone() for n, m in self._masks().items()}
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -291,7 +307,8 @@ class Trainer:
         )
         self.log(f"{c.method}: pruned at initialisation to density {c.density} "
                  f"({iterations} round(s), {time.perf_counter() - start:.1f} s)")
-        return masks
+        # every rank scored the same batches; rank 0's masks are the run's all the same
+        return {n: self.dist.broadcast(m) for n, m in masks.items()}
 
     # --- checkpoints ----------------------------------------------------------------------
     def _checkpoint(self) -> dict[str, Any]:
@@ -310,7 +327,10 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        _atomic_save(self._checkpoint(), self.out / CHECKPOINT)
+        """Write the checkpoint (rank 0 only; the other ranks wait until it is written)."""
+        if self.dist.is_main:
+            _atomic_save(self._checkpoint(), self.out / CHECKPOINT)
+        self.dist.barrier()
 
     def _load_checkpoint(self) -> dict[str, Any]:
         path = self.out / CHECKPOINT
@@ -335,7 +355,10 @@ class Trainer:
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         try:
-            self.model.load_state_dict(checkpoint["model"])
+            model_state = dict(checkpoint["model"])
+            # a state saved from a DistributedDataParallel wrapper names weights "module.*"
+            nn.modules.utils.consume_prefix_in_state_dict_if_present(model_state, "module.")
+            self.model.load_state_dict(model_state)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             if self.sparsifier is not None:
                 self.sparsifier.load_state_dict(checkpoint["sparsifier"])
@@ -386,17 +409,23 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy."""
         self.model.eval()
-        correct, loss_sum, n = 0, 0.0, len(self.data.test_y)
-        for i in range(0, n, 1000):
-            x = self.data.prepare(self.data.test_x[i:i + 1000], train=False).to(self.device)
-            y = self.data.test_y[i:i + 1000].to(self.device)
+        n = len(self.data.test_y)
+        share = self.dist.share(n)  # each process evaluates its share; the sums are added
+        correct, loss_sum = 0, 0.0
+        for i in range(share.start, share.stop, 1000):
+            j = min(i + 1000, share.stop)
+            x = self.data.prepare(self.data.test_x[i:j], train=False).to(self.device)
+            y = self.data.test_y[i:j].to(self.device)
             out = self.model(x)
             loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
         self.model.train()
+        loss_sum, correct = self.dist.sum([loss_sum, correct])
         return loss_sum / n, correct / n
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -430,7 +459,8 @@ class Trainer:
     def train(self, on_step: Callable[["Trainer"], None] | None = None) -> dict[str, Any] | None:
         """Train to the end; return the summary, or ``None`` if stopped early (checkpointed)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        save_yaml(self.config, self.out / CONFIG)
+        if self.dist.is_main:
+            save_yaml(self.config, self.out / CONFIG)
         if self.state.finished:
             self.log(f"{self.out} is already finished; nothing to do")
             if (self.out / SUMMARY).is_file():
@@ -447,7 +477,7 @@ class Trainer:
 
     def _loop(self, on_step) -> bool:
         c = self.config
-        progress = _progress_bar(c.progress)
+        progress = _progress_bar(c.progress and self.dist.is_main)
         s = self.state
         start = time.perf_counter() - self.state.wall_time_s
         while self.state.step < self.total_steps:
@@ -457,33 +487,43 @@ class Trainer:
                            desc=f"epoch {epoch + 1}/{c.epochs}")
             for i in range(offset, self.steps_per_epoch):
                 idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+                # the whole step's batch, prepared alike everywhere; this process's share
                 x = self.data.prepare(self.data.train_x[idx], train=True, augment=c.augment,
                                       generator=batch_generator(c.seed, self.state.step))
-                x, y = x.to(self.device), self.data.train_y[idx].to(self.device)
+                share = self.dist.share(len(idx))
+                x, y = x[share].to(self.device), self.data.train_y[idx][share].to(self.device)
                 lr = c.lr * self.schedule.factor(self.state.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.optimizer.zero_grad(set_to_none=True)
-                out = self.model(x)
+                out = self.net(x)
                 loss = self.loss_fn(out, y)
-                if not torch.isfinite(loss):
+                # the whole batch's loss and accuracy, and whether every share's loss is finite
+                loss_sum, correct, bad = self.dist.sum([
+                    float(loss.detach()) * len(y), int((out.argmax(1) == y).sum()),
+                    0.0 if torch.isfinite(loss) else 1.0])
+                if bad:
                     bar.close()
                     raise TrainingError(
-                        f"the training loss became {float(loss.detach())} at step {self.state.step + 1} "
-                        f"(epoch {epoch + 1}); lower the learning rate (now {lr:.4g}) or add "
-                        f"warm-up (--warmup-epochs); the last good checkpoint is in {self.out}")
-                loss.backward()
+                        f"the training loss became {float(loss.detach())} at step "
+                        f"{self.state.step + 1} (epoch {epoch + 1}); lower the learning rate "
+                        f"(now {lr:.4g}) or add warm-up (--warmup-epochs); the last good "
+                        f"checkpoint is in {self.out}")
+                # DDP averages the shares' gradients: weighting each share's mean loss by its
+                # size makes that average the gradient of the whole batch's mean loss
+                (loss * (len(y) * self.dist.world / len(idx))).backward()
                 (self.sparsifier or self.optimizer).step()
                 self.state.step += 1
-                s.train_flops += self._step_flops() * len(y)
-                s.examples += len(y)
+                s.train_flops += self._step_flops() * len(idx)
+                s.examples += len(idx)
                 if self.sparsifier is not None and self.sparsifier.is_update_step(s.step):
+                    self._check_masks_agree()
                     self.sparse_flops = self._current_flops()
                     for name, mask in self.sparsifier.masks.items():
                         self.ever_active[name] |= mask
-                s.loss_sum += float(loss.detach()) * len(y)
-                s.correct += int((out.argmax(1) == y).sum())
-                s.seen += len(y)
+                s.loss_sum += loss_sum
+                s.correct += int(correct)
+                s.seen += len(idx)
                 self.state.wall_time_s = time.perf_counter() - start
                 bar.update(1)
                 if self.state.step % c.log_every == 0:
@@ -501,6 +541,8 @@ class Trainer:
                 epoch_end = i == self.steps_per_epoch - 1
                 if epoch_end:
                     self._end_epoch(epoch)
+                if self.dist.active:  # all stop at the same step, or none does
+                    self._stop_requested = bool(self.dist.sum([self._stop_requested])[0])
                 if self._stop_requested and self.state.step < self.total_steps:
                     bar.close()
                     return True
@@ -508,6 +550,22 @@ class Trainer:
                     self.save_checkpoint()
             bar.close()
         return False
+
+    def _check_masks_agree(self) -> None:
+        """After a topology update: every process must hold the same masks (a fingerprint of
+        each layer's active set is compared); a difference stops the run at once."""
+        if not (self.dist.active and self.config.check_masks):
+            return
+        fingerprints = self.dist.gather(self.sparsifier.mask_fingerprint())
+        names = self.sparsifier.backend.names
+        differ = sorted({names[i] for f in fingerprints[1:]
+                         for i in (f != fingerprints[0]).any(1).nonzero().flatten().tolist()})
+        if differ:
+            raise TrainingError(
+                f"the processes hold different masks after the update at step {self.state.step} "
+                f"(layers {differ}): their sparsifiers must be built alike (same seed, same "
+                f"settings) and see the same averaged gradients; the last good checkpoint is in "
+                f"{self.out}")
 
     def _end_epoch(self, epoch: int) -> None:
         test_loss, test_acc = self.evaluate()
@@ -548,7 +606,8 @@ class Trainer:
             "flops_note": "a multiply-add counts as 2 FLOPs; per example",
             "config": self.config.to_dict(),
         }
-        _write_json(summary, self.out / SUMMARY)
+        if self.dist.is_main:
+            _write_json(summary, self.out / SUMMARY)
         self.save_checkpoint()
         self.log(f"done: test accuracy {test_acc:.4f} (best {summary['best_test_accuracy']:.4f})"
                  f", density {summary['density']:.4f}, {summary['wall_time_s']:.1f} s; "
