@@ -46,7 +46,9 @@ def main(argv=None) -> int:
     def csr_conv(layer):
         cols = F.unfold(x, 3, padding=1)                      # (b, c*9, s*s)
         cols_t = cols.permute(1, 0, 2).reshape(c * 9, b * s * s)  # features x positions
-        out = kernels.csr_spmm(layer.crow, layer.col, layer.values.detach(), cols_t, c)
+        tiles = kernels.pack_tiles(cols_t)
+        out = kernels.csr_forward(layer.crow, layer.col, layer.values.detach(), tiles, c,
+                                  c * 9, b * s * s)
         return out.view(c, b, s, s).permute(1, 0, 2, 3)
 
     rows = []
