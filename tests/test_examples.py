@@ -22,3 +22,14 @@ def test_fashion_mnist_comparison(tmp_path, monkeypatch, capsys):
         assert f"| {method} |" in out
     text = report.read_text()
     assert "| rigl | " in text and "Per-layer density" in text
+
+
+def test_wide_sparse_mlp(tmp_path, monkeypatch, capsys):
+    root = fake_fashion_mnist(tmp_path, n_train=512, n_test=64)
+    monkeypatch.setattr(sys, "argv", [
+        "wide_sparse_mlp.py", "--data", str(root), "--hidden", "256", "--density", "0.1",
+        "--epochs", "2", "--batch-size", "64", "--delta-t", "3",
+    ])
+    runpy.run_path(str(EXAMPLES / "wide_sparse_mlp.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "MLP 784-256-256-10" in out and "epoch 2: test accuracy" in out
