@@ -365,3 +365,24 @@ def test_nan_gradients_skip_the_update_with_a_warning():
     with pytest.warns(RuntimeWarning, match="NaN or infinite"):
         sp.step()
     assert all(torch.equal(sp.masks[n], before[n]) for n in before)
+
+
+def test_selection_helpers_against_sorting():
+    """The O(n) selections used by the compact updates against a full stable sort."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(10, 3), (1000, 1), (700_000, 90_000), (700_000, 650_000)]:
+        scores = torch.randint(0, n // 3 + 2, (n,), generator=g).float()  # many ties
+        positions = torch.randperm(n, generator=g)
+        got_s, got_p = csr_backend._top_k_lowest_first(scores, positions, k)
+        order = torch.argsort(positions)  # by position, then stably by score, descending
+        best = order[torch.sort(scores[order], descending=True, stable=True).indices[:k]]
+        assert torch.equal(torch.sort(got_p).values, torch.sort(positions[best]).values)
+        assert (scores >= csr_backend._lower_bound_of_kth(scores, k)).sum() >= k
+        drop = csr_backend._smallest(scores, k)
+        expected = torch.sort(scores, stable=True).indices[:k]
+        assert torch.equal(drop.nonzero().squeeze(1), torch.sort(expected).values)
+    a = torch.tensor([1, 4, 9, 10])
+    b = torch.tensor([0, 5, 11])
+    merged, a_at, b_at = csr_backend._merge_sorted(a, b)
+    assert merged.tolist() == [0, 1, 4, 5, 9, 10, 11]
+    assert torch.equal(merged[a_at], a) and torch.equal(merged[b_at], b)

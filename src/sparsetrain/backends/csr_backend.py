@@ -62,13 +62,13 @@ def _swap_param(optimizer: torch.optim.Optimizer | None, old: torch.Tensor, new:
         }
 
 
-def _remap_state(optimizer, param: torch.Tensor, keep: torch.Tensor,
+def _remap_state(optimizer, param: torch.Tensor, source: torch.Tensor,
                  target: torch.Tensor) -> None:
-    """In place: ``param`` and its state become zero except ``[target] = old[keep]``."""
+    """In place: ``param`` and its state become zero except ``[target] = old[source]``."""
     tensors = [param.data] + [v for v in optimizer.state.get(param, {}).values()
                               if torch.is_tensor(v) and v.shape == param.shape]
     for t in tensors:
-        moved = t[keep].clone()
+        moved = t[source].clone()
         t.zero_()
         t[target] = moved
 
@@ -188,18 +188,65 @@ def random_positions(numel: int, n: int, generator: torch.Generator,
     return torch.sort(chosen).values
 
 
+#: Entries of the sample from which a lower bound of the k-th largest score is estimated.
+SAMPLE = 1 << 16
+
+
+def _lower_bound_of_kth(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A score ``t`` with at least ``k`` entries ``>= t``, close to the k-th largest: read off
+    an evenly spaced sample with a safety margin (and checked; the exact k-th largest where the
+    sample misleads), so that only about ``k`` entries go on to an exact selection."""
+    n = scores.numel()
+    if n > 8 * SAMPLE:
+        sample = scores[::n // SAMPLE]
+        p = k / n  # the share above the k-th largest; the sample's quantile is off by about
+        margin = 0.05 * p + 4 * (p * (1 - p) / sample.numel()) ** 0.5  # sqrt(p(1-p)/m)
+        rank = int(sample.numel() * max(0.0, 1 - p - margin))
+        if rank >= 1:
+            t = torch.kthvalue(sample, rank).values
+            if int((scores >= t).sum()) >= k:
+                return t
+    return torch.kthvalue(scores, n - k + 1).values
+
+
 def _top_k_lowest_first(scores: torch.Tensor, positions: torch.Tensor, k: int):
     """The ``k`` entries of largest score (the lower position first among equal scores), in
     O(n): the k-th largest score is found by selection, not by sorting everything."""
     n = scores.numel()
     if n <= k:
         return scores, positions
+    if n > 8 * SAMPLE:  # an exact selection among the few above a lower bound of the k-th
+        keep = (scores >= _lower_bound_of_kth(scores, k)).nonzero().squeeze(1)
+        if keep.numel() < n:
+            return _top_k_lowest_first(scores[keep], positions[keep], k)
     kth = torch.kthvalue(scores, n - k + 1).values
     above = (scores > kth).nonzero().squeeze(1)
     ties = (scores == kth).nonzero().squeeze(1)
     ties = ties[torch.argsort(positions[ties])[:k - above.numel()]]
     keep = torch.cat([above, ties])
     return scores[keep], positions[keep]
+
+
+def _smallest(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the ``n`` smallest ``values`` (the lower index first among equal ones)."""
+    threshold = torch.kthvalue(values, n).values
+    chosen = values < threshold
+    ties = (values == threshold).nonzero().squeeze(1)[:n - int(chosen.sum())]
+    chosen[ties] = True
+    return chosen
+
+
+def _merge_sorted(a: torch.Tensor, b: torch.Tensor):
+    """The union of the sorted, disjoint ``a`` and ``b``, sorted, and where the entries of
+    ``a`` and of ``b`` are in it; by binary search, without sorting the union."""
+    b_at = torch.searchsorted(a, b) + torch.arange(b.numel(), device=b.device)
+    from_b = torch.zeros(a.numel() + b.numel(), dtype=torch.bool, device=a.device)
+    from_b[b_at] = True
+    merged = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
+    merged[b_at] = b
+    a_at = (~from_b).nonzero().squeeze(1)
+    merged[a_at] = a
+    return merged, a_at, b_at
 
 
 # --- the backend ----------------------------------------------------------------------------
@@ -435,9 +482,7 @@ class CSRBackend:
         if n_drop == 0:
             return
         old = layer.positions()
-        magnitude = layer.values.detach().abs()
-        keep = torch.zeros(nnz, dtype=torch.bool, device=old.device)
-        keep[torch.topk(magnitude, nnz - n_drop, sorted=False).indices] = True
+        keep = ~_smallest(layer.values.detach().abs(), n_drop)
         kept = old[keep]  # still sorted
         closed = kept if allow_regrowth else old
         saved = self.saved_gradient(name) if grow == "gradient" else None
@@ -445,7 +490,16 @@ class CSRBackend:
             grown = self._grow_by_gradient(layer, saved, closed, n_drop)
         else:
             grown = random_positions(numel, n_drop, generator, closed.cpu()).to(old.device)
-        self._move(layer, torch.sort(torch.cat([kept, grown])).values)
+        grown = torch.sort(grown).values
+        positions, kept_at, grown_at = _merge_sorted(kept, grown)
+        # a weight dropped and grown back by this update keeps its value and state, as on the
+        # masked backend: only positions that were not active before start at zero
+        back = _contains(old, grown)
+        source = torch.cat([keep.nonzero().squeeze(1), torch.searchsorted(old, grown[back])])
+        target = torch.cat([kept_at, grown_at[back]])
+        with torch.no_grad():
+            _remap_state(self.optimizer, layer.values, source, target)
+        layer.set_positions(positions)
 
     def _grow_by_gradient(self, layer: CSRLinear, saved, closed: torch.Tensor,
                           k: int) -> torch.Tensor:
@@ -482,7 +536,7 @@ class CSRBackend:
                 scores[inside] = -math.inf
                 keep = scores > threshold
                 if threshold == -math.inf and scores.numel() > k:  # at most k (+ ties) a block
-                    keep &= scores >= torch.kthvalue(scores, scores.numel() - k + 1).values
+                    keep &= scores >= _lower_bound_of_kth(scores, k)
                 candidates = keep.nonzero().squeeze(1)
                 found = scores[candidates]
             pending_scores.append(found)
