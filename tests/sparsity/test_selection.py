@@ -1,46 +1,138 @@
+"""Selection against a slow, obviously-correct reference: a full sort by (score, tie key)."""
+
+import math
+
+import pytest
 import torch
 
-from sparsetrain.sparsity.selection import drop_and_grow, random_mask, top_k_mask
+from sparsetrain.sparsity.permutation import RandomOrder
+from sparsetrain.sparsity.selection import (RunningTopK, first_free, lower_bound_of_kth,
+                                            order_keys, select_global, top_k, top_k_mask)
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+def reference_top_k(scores, k, keys):
+    """Sort every entry by (score descending, key ascending) and take the first k."""
+    flat = scores.reshape(-1).tolist()
+    key = keys(torch.arange(len(flat))).tolist()
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], key[i]))
+    return torch.tensor(sorted(order[:k]), dtype=torch.int64)
 
 
-def test_top_k_mask_picks_the_largest():
+@pytest.mark.parametrize("n,k,levels", [(10, 3, 3), (1000, 1, 5), (1000, 999, 2), (5000, 700, 0),
+                                        (700_000, 90_000, 50), (700_000, 650_000, 4)])
+def test_top_k_matches_the_full_sort(n, k, levels):
+    g = torch.Generator().manual_seed(n + k)
+    scores = (torch.randint(0, levels, (n,), generator=g).float() if levels
+              else torch.randn(n, generator=g))  # levels: many ties
+    keys = order_keys(RandomOrder(n, 7))
+    got = top_k(scores, k, keys)
+    if n <= 5000:
+        assert torch.equal(got, reference_top_k(scores, k, keys))
+    else:  # the reference is too slow in Python: check the defining property instead
+        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen[got] = True
+        assert got.numel() == k and torch.equal(got, torch.sort(got).values)
+        worst_in, best_out = scores[chosen].min(), scores[~chosen].max()
+        assert worst_in >= best_out
+        tied_in = chosen & (scores == worst_in)
+        tied_out = ~chosen & (scores == worst_in)
+        if tied_out.any():
+            assert keys(tied_in.nonzero().squeeze(1)).max() < keys(
+                tied_out.nonzero().squeeze(1)).min()
+
+
+def test_top_k_edge_cases_and_half_types():
+    keys = order_keys(RandomOrder(5, 0))
     scores = torch.tensor([0.1, 5.0, -2.0, 3.0, 0.0])
-    assert top_k_mask(scores, 2, gen()).tolist() == [False, True, False, True, False]
-    assert not top_k_mask(scores, 0, gen()).any()
+    assert top_k_mask(scores, 2, keys).tolist() == [False, True, False, True, False]
+    assert top_k(scores, 0, keys).numel() == 0
+    assert top_k(scores, 9, keys).tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(top_k(scores.bfloat16(), 2, keys), top_k(scores, 2, keys))
+    assert top_k(torch.tensor([1.0, -math.inf, 2.0]), 2, order_keys(RandomOrder(3, 0))).tolist() \
+        == [0, 2]
 
 
-def test_ties_are_broken_at_random_but_reproducibly():
+def test_ties_are_random_reproducible_and_uniform():
     scores = torch.zeros(1000)
-    a, b, c = (top_k_mask(scores, 100, gen(s)) for s in (1, 1, 2))
-    assert int(a.sum()) == 100
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-    # uniform: each half gets about half of the picks
-    assert 30 < int(a[:500].sum()) < 70
+    a, b, c = (top_k_mask(scores, 100, order_keys(RandomOrder(1000, s))) for s in (1, 1, 2))
+    assert int(a.sum()) == 100 and torch.equal(a, b) and not torch.equal(a, c)
+    counts = torch.zeros(1000)
+    for s in range(300):
+        counts += top_k_mask(scores, 100, order_keys(RandomOrder(1000, s))).float()
+    # each position is picked Binomial(300, 0.1) times: mean 30, variance 27
+    chi2 = float(((counts - 30) ** 2 / 27).sum())
+    assert 850 < chi2 < 1150 and 8 < counts.min() and counts.max() < 55
 
 
-def test_random_mask_has_exact_count():
-    m = random_mask(torch.Size([7, 9]), 20, gen(), torch.device("cpu"))
-    assert m.shape == (7, 9) and m.dtype == torch.bool and int(m.sum()) == 20
+def test_lower_bound_of_the_kth_largest():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2_000_000, generator=g)
+    skip = torch.sort(torch.randperm(2_000_000, generator=g)[:200_000]).values
+    keep = torch.ones(2_000_000, dtype=torch.bool)
+    keep[skip] = False
+    for k in (1, 100, 50_000, 1_000_000):
+        for closed in (None, skip):
+            t = lower_bound_of_kth(scores, k, closed)
+            eligible = scores if closed is None else scores[keep]
+            assert int((eligible >= t).sum()) >= k
+            if k <= 50_000:  # a useful bound: not many more than k go on
+                assert int((eligible >= t).sum()) < 3 * k + 5000
 
 
-def test_drop_and_grow_reference():
-    mask = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
-    weights = torch.tensor([0.5, -0.1, 0.9, 0.2, 0, 0, 0, 0])
-    grow = torch.tensor([9.0, 9.0, 9.0, 9.0, 1.0, 4.0, 3.0, 2.0])
-    new = drop_and_grow(mask, weights.abs(), grow, 2, gen())
-    # drops |w| = 0.1 and 0.2 (positions 1, 3); grow among positions not kept: 1 and 3 score 9
-    assert new.tolist() == [True, True, True, True, False, False, False, False]
-    new = drop_and_grow(mask, weights.abs(), grow, 2, gen(), allow_regrowth=False)
-    assert new.tolist() == [True, False, True, False, False, True, True, False]
-    assert int(new.sum()) == 4
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_running_top_k_over_blocks_equals_top_k(block):
+    g = torch.Generator().manual_seed(block)
+    n, k = 3000, 250
+    scores = torch.randint(0, 20, (n,), generator=g).float()
+    closed = torch.sort(torch.randperm(n, generator=g)[:400]).values
+    order = RandomOrder(n, 3)
+    running = RunningTopK(k, order.rank)
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        inside = closed[(closed >= lo) & (closed < hi)] - lo
+        running.offer(scores[lo:hi], lo, inside)
+    open_ = torch.ones(n, dtype=torch.bool)
+    open_[closed] = False
+    candidates = open_.nonzero().squeeze(1)
+    expected = candidates[top_k(scores[candidates], k, order_keys(order, candidates))]
+    assert torch.equal(running.result(), expected)
 
 
-def test_drop_and_grow_clamps_to_what_is_possible():
-    mask = torch.tensor([1, 1, 1, 0], dtype=torch.bool)
-    new = drop_and_grow(mask, torch.rand(4), torch.rand(4), 3, gen(), allow_regrowth=False)
-    assert int(new.sum()) == 3 and bool(new[3])
+def test_first_free_is_uniform_and_avoids_the_closed():
+    closed = torch.tensor([0, 5, 6, 99])
+    counts = torch.zeros(100)
+    for s in range(400):
+        pos = first_free(RandomOrder(100, s), 10, closed)
+        assert pos.numel() == 10 and torch.equal(pos, torch.unique(pos))
+        assert not torch.isin(pos, closed).any()
+        counts[pos] += 1
+    assert counts[closed].sum() == 0
+    free = counts[~torch.isin(torch.arange(100), closed)]
+    expected = 400 * 10 / 96
+    assert ((free - expected).abs() < 5 * math.sqrt(expected)).all()
+    assert first_free(RandomOrder(100, 0), 96, closed).numel() == 96  # every free position
+    with pytest.raises(ValueError, match="cannot choose"):
+        first_free(RandomOrder(10, 0), 8, torch.arange(3))
+
+
+def test_first_free_is_the_top_k_of_minus_rank():
+    """Listing the order equals selecting by the score ``-rank`` (the two paths of SET)."""
+    order = RandomOrder(5000, 11)
+    closed = torch.sort(torch.randperm(5000)[:3000]).values
+    open_ = torch.ones(5000, dtype=torch.bool)
+    open_[closed] = False
+    candidates = open_.nonzero().squeeze(1)
+    by_score = candidates[top_k(-order.rank(candidates), 300, order_keys(order, candidates))]
+    assert torch.equal(first_free(order, 300, closed), by_score)
+
+
+def test_select_global_keeps_every_layer_connected():
+    scores = {"a": torch.tensor([5.0, 4.0, 3.0]), "b": torch.tensor([0.1, 0.2])}
+    with pytest.warns(RuntimeWarning, match="leave no weight"):  # "b" would be left empty
+        masks = select_global(scores, 3, 0)
+    assert masks["a"].tolist() == [True, True, False] and masks["b"].tolist() == [False, True]
+    masks = select_global(scores, 4, 0)
+    assert masks["a"].all() and masks["b"].tolist() == [False, True]
+    tied = {"a": torch.zeros(50), "b": torch.zeros(50)}
+    a, b = select_global(tied, 50, 1), select_global(tied, 50, 1)
+    assert torch.equal(a["a"], b["a"]) and 10 < int(a["a"].sum()) < 40  # random, reproducible

@@ -1,13 +1,15 @@
-"""Initial masks and the checking of masks a caller supplies."""
+"""Initial active sets and the checking of the masks a caller supplies."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Mapping, Sequence
 
 import torch
 
-from .selection import random_mask
+from .permutation import INIT, RandomOrder
+from .positions import check_positions, positions_of
 from .targets import Target
 
 
@@ -20,29 +22,35 @@ def active_count(numel: int, density: float) -> int:
     return min(numel, max(1, round(density * numel)))
 
 
-def initial_masks(
-    targets: Sequence[Target], densities: Mapping[str, float], generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """Per layer exactly ``active_count(N_l, d_l)`` ones at uniformly random positions."""
-    return {
-        t.name: random_mask(
-            t.shape, active_count(t.numel, densities[t.name]), generator, t.param.device
-        )
-        for t in targets
-    }
+def initial_positions(numel: int, count: int, seed: int, layer: int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """The random initial active set of layer number ``layer``: the first ``count`` positions of
+    the random order fixed by (``seed``, layer), sorted; the same on every backend and rank."""
+    if count >= numel:
+        return torch.arange(numel, device=device)
+    return RandomOrder(numel, seed, INIT, layer).first(count, device=device)
 
 
-def validate_masks(
-    masks: Mapping[str, torch.Tensor], targets: Sequence[Target], density: float | None
-) -> dict[str, torch.Tensor]:
-    """Check that ``masks`` has a 0/1 mask of the right shape for every target and no other.
+def initial_active(targets: Sequence[Target], densities: Mapping[str, float],
+                   seed: int) -> dict[str, torch.Tensor]:
+    """Per layer exactly ``active_count(N_l, d_l)`` positions drawn uniformly at random."""
+    return {t.name: initial_positions(t.numel, active_count(t.numel, densities[t.name]), seed,
+                                      i, device=t.param.device if not t.param.is_meta else None)
+            for i, t in enumerate(targets)}
 
-    Returns bool masks on the targets' devices. With ``density`` given, warns when the masks'
-    overall density differs from it by more than one weight per layer.
+
+def validate_masks(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]],
+                   density: float | None) -> dict[str, torch.Tensor]:
+    """Check that ``masks`` has an active set for every weight of ``shapes`` (name -> shape) and
+    no other; return each as sorted flat positions (int64).
+
+    An active set is a 0/1 (or bool) mask of the weight's shape, or a 1-D int64 tensor of sorted
+    flat positions (as ``state_dict()["positions"]`` holds). With ``density`` given, warns when
+    the overall density differs from it by more than one weight per layer.
     """
     if not isinstance(masks, Mapping):
         raise ValueError(f"masks must be a dict name -> bool tensor, got {type(masks).__name__}")
-    names = [t.name for t in targets]
+    names = list(shapes)
     unknown = sorted(set(masks) - set(names))
     missing = [n for n in names if n not in masks]
     if unknown or missing:
@@ -52,26 +60,29 @@ def validate_masks(
             f"(the sparsified weights are: {names})"
         )
     result = {}
-    for t in targets:
-        mask = masks[t.name]
+    for name in names:
+        shape, mask = tuple(int(s) for s in shapes[name]), masks[name]
+        numel = math.prod(shape)
         if not torch.is_tensor(mask):
-            raise ValueError(f"masks[{t.name!r}] must be a tensor, got {type(mask).__name__}")
-        if tuple(mask.shape) != tuple(t.shape):
-            raise ValueError(
-                f"masks[{t.name!r}] has shape {tuple(mask.shape)}, but the weight has shape "
-                f"{tuple(t.shape)}"
-            )
-        if mask.dtype != torch.bool:
-            if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError(f"masks[{t.name!r}] must hold only 0 and 1 (or be bool)")
-            mask = mask != 0
-        if not bool(mask.any()):
-            raise ValueError(f"masks[{t.name!r}] has no active weight; keep at least one")
-        result[t.name] = mask.to(device=t.param.device)
+            raise ValueError(f"masks[{name!r}] must be a tensor, got {type(mask).__name__}")
+        if mask.dtype == torch.int64 and mask.dim() == 1 and len(shape) != 1:
+            positions = check_positions(mask, numel, f"masks[{name!r}]")
+        else:
+            if tuple(mask.shape) != shape:
+                raise ValueError(f"masks[{name!r}] has shape {tuple(mask.shape)}, but the "
+                                 f"weight has shape {shape}")
+            if mask.dtype != torch.bool:
+                if not bool(((mask == 0) | (mask == 1)).all()):
+                    raise ValueError(f"masks[{name!r}] must hold only 0 and 1 (or be bool)")
+                mask = mask != 0
+            positions = positions_of(mask)
+        if positions.numel() == 0:
+            raise ValueError(f"masks[{name!r}] has no active weight; keep at least one")
+        result[name] = positions
     if density is not None:
-        total = sum(t.param.numel() for t in targets)
-        active = sum(int(m.sum()) for m in result.values())
-        if abs(active - density * total) > len(targets):
+        total = sum(math.prod(s) for s in shapes.values())
+        active = sum(p.numel() for p in result.values())
+        if abs(active - density * total) > len(names):
             warnings.warn(
                 f"the given masks keep {active / total:.4f} of the sparsified weights, not the "
                 f"density {density}; the masks are used as given",

@@ -35,3 +35,23 @@ def is_update_step(t: int, *, delta_t: int, t_start: int = 0, t_end: int) -> boo
     after ``t_end``.
     """
     return t_start < t <= t_end and (t - t_start) % delta_t == 0
+
+
+def gradual_density(t: int, *, initial: float, final: float, start_step: int,
+                    end_step: int) -> float:
+    """The cubic density schedule of gradual magnitude pruning (Zhu & Gupta 2017) at step ``t``:
+
+        d(t) = final + (initial - final) * (1 - (t - start_step) / (end_step - start_step))^3
+
+    ``initial`` up to ``start_step``, ``final`` from ``end_step`` on.
+    """
+    progress = min(max((t - start_step) / (end_step - start_step), 0.0), 1.0)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+def is_pruning_step(t: int, *, start_step: int, end_step: int, frequency: int) -> bool:
+    """Whether step ``t`` of gradual pruning prunes: ``start_step + frequency``,
+    ``start_step + 2 * frequency``, ... up to ``end_step``, and ``end_step`` itself."""
+    if not start_step < t <= end_step:
+        return False
+    return t == end_step or (t - start_step) % frequency == 0

@@ -1,89 +1,233 @@
-"""Selection: which entries of a score tensor are kept, separate from how they are scored.
+"""Selection: which scored entries are kept, separate from how they are scored. O(n), no sort.
 
-Ties are broken uniformly at random with a seeded generator, exactly: the entries are visited in
-a random order and sorted stably, so equal scores fall in random order and the result depends
-only on the scores and the generator state (identical on every data-parallel replica).
+One tie rule everywhere: entries are ordered by score, and among equal scores by a tie key, the
+rank of the position in a :class:`~sparsetrain.sparsity.permutation.RandomOrder` fixed by (seed,
+purpose, step, layer). The lower rank wins. Ties therefore fall at random, yet identically on
+every backend and every data-parallel rank, and no layer is ever permuted or sorted: the k-th
+score is found by selection (``kthvalue``, on a sample first where the tensor is large) and only
+the entries tied with it get a key.
+
+``keys`` arguments are callables ``indices -> int64 keys`` (distinct), called only for the
+entries that tie.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
+from .permutation import RandomOrder
+from .positions import contains
 
-def random_order(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """A uniformly random permutation of ``range(n)`` drawn from ``generator`` (on the CPU)."""
-    return torch.randperm(n, generator=generator).to(device)
+Keys = Callable[[torch.Tensor], torch.Tensor]
 
-
-def _comparable(scores: torch.Tensor) -> torch.Tensor:
-    """Scores in a dtype fit for sorting: float32 or float64 (half types are widened)."""
-    return scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+#: Entries of the evenly spaced sample from which a bound of the k-th score is read.
+SAMPLE = 1 << 16
 
 
-def top_k_indices(scores: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Flat indices of the ``k`` largest entries of ``scores``, ties broken at random."""
+def comparable(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as float32/float64/int64, 1-D (half types are widened, exactly)."""
     flat = scores.reshape(-1)
+    if flat.dtype in (torch.float32, torch.float64, torch.int64):
+        return flat
+    return flat.to(torch.int64) if not flat.is_floating_point() else flat.float()
+
+
+def sampled_bound(scores: torch.Tensor, k: int, skip: torch.Tensor | None = None) -> float:
+    """A guess of a score ``t`` with at least ``k`` entries ``>= t`` (outside the sorted offsets
+    ``skip``), close to the k-th largest: read off an evenly spaced sample with a safety margin,
+    so that only about ``k`` entries go on to an exact selection. Not checked: the caller
+    counts; ``-inf`` where the tensor is too small to sample."""
+    n = scores.numel()
+    available = n - (0 if skip is None else skip.numel())
+    if n <= 8 * SAMPLE or k <= 0 or k >= available:
+        return -math.inf
+    step = n // SAMPLE
+    sample = scores[::step]
+    if skip is not None and skip.numel():
+        sampled_at = torch.arange(0, n, step, device=scores.device)[:sample.numel()]
+        sample = sample[~contains(skip, sampled_at)]
+    m = sample.numel()
+    p = k / available  # the share above the k-th; the sample quantile is off by ~sqrt(p(1-p)/m)
+    margin = 0.05 * p + 4 * math.sqrt(p * (1 - p) / max(1, m))
+    rank = int(m * max(0.0, 1 - p - margin))
+    if rank < 1:
+        return -math.inf
+    return float(torch.kthvalue(sample, rank).values)
+
+
+def lower_bound_of_kth(scores: torch.Tensor, k: int, skip: torch.Tensor | None = None) -> float:
+    """``sampled_bound``, checked: at least ``k`` entries (outside ``skip``) are ``>= t``;
+    ``-inf`` where no bound is found."""
+    t = sampled_bound(scores, k, skip)
+    if t == -math.inf:
+        return t
+    above = scores >= t
+    if skip is not None and skip.numel():
+        above[skip] = False
+    return t if int(torch.count_nonzero(above)) >= k else -math.inf
+
+
+def _kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the 1-D ``scores`` (``1 <= k <= n``), in O(n)."""
+    n = scores.numel()
+    if 2 * k > n:  # nearer the bottom: the (n - k + 1)-th smallest
+        return torch.kthvalue(scores, n - k + 1).values
+    bound = lower_bound_of_kth(scores, k)
+    if bound > -math.inf:
+        scores = scores[scores >= bound]
+        n = scores.numel()
+    return torch.kthvalue(scores, n - k + 1).values
+
+
+def top_k(scores: torch.Tensor, k: int, keys: Keys) -> torch.Tensor:
+    """Sorted indices of the ``k`` largest entries of ``scores`` (flattened), ties by ``keys``.
+
+    Ordered by (score, key), the larger first; ``keys(indices)`` gives distinct int64 keys of
+    the tied entries (the lower key wins). Scores must be finite (or ``-inf``).
+    """
+    flat = comparable(scores)
+    n = flat.numel()
+    k = int(k)
     if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=flat.device)
-    perm = random_order(flat.numel(), generator, flat.device)
-    order = torch.sort(flat[perm], descending=True, stable=True).indices[:k]
-    return perm[order]
+        return torch.empty(0, dtype=torch.int64, device=flat.device)
+    if k >= n:
+        return torch.arange(n, device=flat.device)
+    kth = _kth_largest(flat, k)
+    chosen = flat > kth
+    tied = (flat == kth).nonzero().squeeze(1)
+    need = k - int(torch.count_nonzero(chosen))
+    if tied.numel() > need:
+        tie_keys = keys(tied)
+        threshold = torch.kthvalue(tie_keys, need).values
+        tied = tied[tie_keys <= threshold]
+    chosen[tied] = True
+    return chosen.nonzero().squeeze(1)  # in index order, without a sort
 
 
-def top_k_mask(scores: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def top_k_mask(scores: torch.Tensor, k: int, keys: Keys) -> torch.Tensor:
     """Boolean mask of the shape of ``scores`` with ones at its ``k`` largest entries."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[top_k_indices(scores, k, generator)] = True
+    mask[top_k(scores, k, keys)] = True
     return mask.view(scores.shape)
 
 
-def random_mask(
-    shape: torch.Size, n_active: int, generator: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """Boolean mask with exactly ``n_active`` ones at uniformly random positions."""
-    numel = int(torch.Size(shape).numel())
-    mask = torch.zeros(numel, dtype=torch.bool, device=device)
-    mask[random_order(numel, generator, device)[:n_active]] = True
-    return mask.view(shape)
+def order_keys(order: RandomOrder, positions: torch.Tensor | None = None) -> Keys:
+    """Tie keys from ``order``: the rank of each entry's position (``positions[i]`` for entry
+    ``i``, or ``i`` itself)."""
+    if positions is None:
+        return order.rank
+    return lambda indices: order.rank(positions[indices])
 
 
-def drop_and_grow(
-    mask: torch.Tensor,
-    drop_scores: torch.Tensor,
-    grow_scores: torch.Tensor,
-    n_drop: int,
-    generator: torch.Generator,
-    *,
-    allow_regrowth: bool = True,
-) -> torch.Tensor:
-    """The new mask after dropping ``n_drop`` active entries and growing as many.
+def at_least(scores: torch.Tensor, floor: float, skip: torch.Tensor) -> tuple[torch.Tensor,
+                                                                             torch.Tensor]:
+    """``(scores[i], i)`` for the entries of the 1-D ``scores`` that are ``>= floor``, except
+    the sorted offsets ``skip``; in index order. (One fused pass with the compiled kernels.)"""
+    from ..kernels import compiled_kernels
 
-    RigL paper, Algorithm 1: keep the ``n_active - n_drop`` active entries with the largest
-    ``drop_scores``, then grow the ``n_drop`` entries with the largest ``grow_scores`` among
-    those not kept. With ``allow_regrowth`` (the reference code's behaviour) an entry dropped in
-    this update may be grown back; without it, growth is among the entries inactive before the
-    drop. The number of active entries is unchanged.
+    kernels = compiled_kernels() if scores.device.type == "cpu" else None
+    if (kernels is not None and scores.dtype in (torch.float32, torch.float64)
+            and scores.is_contiguous()):
+        return kernels.candidates_at_least(scores, floor, skip.to(scores.device).contiguous())
+    chosen = scores >= floor
+    if skip.numel():
+        chosen[skip] = False
+    index = chosen.nonzero().squeeze(1)
+    return scores[index], index
+
+
+class RunningTopK:
+    """The ``k`` largest (score, key) among candidates offered block by block, in O(k + block)
+    memory: each block is cut to the few entries that can still make it, and the kept
+    candidates are cut back to the best ``k`` whenever they reach ``2k``."""
+
+    def __init__(self, k: int, keys: Callable[[torch.Tensor], torch.Tensor]):
+        """``keys(positions)`` gives the distinct int64 tie keys of positions."""
+        self.k = int(k)
+        self.keys = keys
+        self.floor = -math.inf  # once k are held: the smallest score held
+        self._scores: list[torch.Tensor] = []
+        self._positions: list[torch.Tensor] = []
+        self._pending = 0
+        self._held = 0
+
+    def offer(self, scores: torch.Tensor, lo: int, skip: torch.Tensor) -> None:
+        """Offer the 1-D ``scores`` of the positions ``lo, lo + 1, ...``, except the sorted
+        offsets ``skip`` (closed positions)."""
+        if self.k <= 0:
+            return
+        found = None
+        if self.floor == -math.inf and scores.numel() > self.k:
+            # below its own block's k-th an entry cannot make it: a bound from a sample,
+            # good if at least k entries reach it
+            bound = sampled_bound(scores, self.k, skip)
+            if bound > -math.inf:
+                found = at_least(scores, bound, skip)
+                if found[1].numel() < self.k:
+                    found = None
+        if found is None:
+            found = at_least(scores, self.floor, skip)
+        values, offsets = found
+        self._scores.append(comparable(values))
+        self._positions.append(offsets + lo)
+        self._pending += offsets.numel()
+        if self._held + self._pending >= 2 * self.k:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        # blocks are offered in position order, so the candidates stay sorted by position
+        scores = torch.cat(self._scores)
+        positions = torch.cat(self._positions)
+        best = top_k(scores, self.k, lambda i: self.keys(positions[i]))
+        self._scores, self._positions = [scores[best]], [positions[best]]
+        self._held, self._pending = best.numel(), 0
+        if best.numel() == self.k:
+            self.floor = float(scores[best].min())
+
+    def result(self) -> torch.Tensor:
+        """The positions of the ``k`` best candidates (fewer if fewer were offered), sorted."""
+        if self.k <= 0 or not self._positions:
+            return torch.empty(0, dtype=torch.int64)
+        self._reduce()
+        return self._positions[0]
+
+
+def first_free(order: RandomOrder, k: int, closed: torch.Tensor,
+               device: torch.device | None = None) -> torch.Tensor:
+    """The first ``k`` positions of ``order`` that are not in the sorted ``closed``, sorted.
+
+    A uniformly random ``k``-subset of the free positions; the work is about
+    ``k * numel / free`` positions, never the whole layer unless it is nearly full.
     """
-    n_active = int(mask.sum())
-    n_drop = max(0, min(int(n_drop), n_active, mask.numel() - n_active))
-    if n_drop == 0:
-        return mask.clone()
-    inactive_last = _comparable(drop_scores).masked_fill(~mask, -float("inf"))
-    kept = top_k_mask(inactive_last, n_active - n_drop, generator)
-    closed = kept if allow_regrowth else mask
-    candidates = _comparable(grow_scores).masked_fill(closed, -float("inf"))
-    grown = top_k_mask(candidates, n_drop, generator)
-    return kept | grown
+    numel = order.numel
+    free = numel - closed.numel()
+    if k > free:
+        raise ValueError(f"cannot choose {k} of the {free} free positions")
+    chosen, start, need = [], 0, int(k)
+    closed = closed.to(device) if device is not None else closed
+    while need > 0:
+        count = min(numel - start, int(need * 1.25 * numel / free) + 64)
+        ranks = torch.arange(start, start + count, dtype=torch.int64, device=closed.device)
+        drawn = order.position(ranks)
+        drawn = drawn[~contains(closed, drawn)][:need]
+        chosen.append(drawn)
+        need -= drawn.numel()
+        start += count
+    if not chosen:
+        return torch.empty(0, dtype=torch.int64, device=closed.device)
+    return torch.sort(torch.cat(chosen)).values
 
 
-def select_global(scores: Mapping[str, torch.Tensor], n_keep: int, generator: torch.Generator,
-                  *, stacklevel: int = 3) -> dict[str, torch.Tensor]:
+def select_global(scores: Mapping[str, torch.Tensor], n_keep: int, *words: int,
+                  stacklevel: int = 3) -> dict[str, torch.Tensor]:
     """Masks (name -> bool) keeping the ``n_keep`` highest scores over all tensors at once.
 
+    Ties are broken by one random order over all the tensors' entries (fixed by ``words``,
+    e.g. the seed and the round).
     Every tensor keeps at least one entry: a layer left with no weight would cut the network in
     two ("layer collapse"). When the plain selection would leave a tensor empty, every tensor's
     best-scored entry is kept first (with a warning) and the rest of the budget goes to the
@@ -91,6 +235,8 @@ def select_global(scores: Mapping[str, torch.Tensor], n_keep: int, generator: to
     (Reserving only the empty ones could push another tensor's single entry out.) Scores of
     ``-inf`` mark entries that must not be kept unless nothing else is left.
     """
+    from .permutation import PRUNE
+
     names = list(scores)
     if n_keep < len(names):
         raise ValueError(f"cannot keep {n_keep} weights in {len(names)} layers, at least one each")
@@ -98,6 +244,7 @@ def select_global(scores: Mapping[str, torch.Tensor], n_keep: int, generator: to
     flat = torch.cat([scores[n].reshape(-1).to(device=device, dtype=torch.float64)
                       for n in names])
     sizes = [scores[n].numel() for n in names]
+    keys = order_keys(RandomOrder(flat.numel(), PRUNE, *words))
 
     def split(indices: torch.Tensor) -> dict[str, torch.Tensor]:
         keep = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
@@ -105,7 +252,7 @@ def select_global(scores: Mapping[str, torch.Tensor], n_keep: int, generator: to
         return {n: part.view(scores[n].shape).to(scores[n].device)
                 for n, part in zip(names, torch.split(keep, sizes))}
 
-    masks = split(top_k_indices(flat, n_keep, generator))
+    masks = split(top_k(flat, n_keep, keys))
     empty = [n for n in names if not bool(masks[n].any())]
     if not empty:
         return masks
@@ -117,8 +264,9 @@ def select_global(scores: Mapping[str, torch.Tensor], n_keep: int, generator: to
     )
     reserved = flat.clone()
     offset = 0
-    for name, size in zip(names, sizes):
-        best = top_k_indices(scores[name].to(device=device, dtype=torch.float64), 1, generator)
+    for size in sizes:
+        part = flat[offset:offset + size]
+        best = top_k(part, 1, lambda i, o=offset: keys(i + o))
         reserved[offset + best] = math.inf
         offset += size
-    return split(top_k_indices(reserved, n_keep, generator))
+    return split(top_k(reserved, n_keep, keys))

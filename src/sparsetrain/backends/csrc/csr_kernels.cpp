@@ -229,8 +229,8 @@ void weight_grad(const int64_t* crow, const int64_t* col, const T* gy_tiles, con
   }
 }
 
-// Grow candidates of one block of a dense gradient (RigL): the entries whose |value| is above
-// `threshold`, skipping the sorted (block-relative) positions in `closed`, in position order.
+// Candidates of one block of scores (the grow step): the entries at least `threshold`,
+// skipping the sorted (block-relative) positions in `closed`, in position order.
 // Two passes over equal chunks, one per thread: count, then write at each chunk's offset.
 template <typename T>
 void candidates(const T* grad, int64_t n, double threshold, const int64_t* closed,
@@ -245,7 +245,7 @@ void candidates(const T* grad, int64_t n, double threshold, const int64_t* close
     int64_t count = 0;
     for (int64_t i = i0; i < i1; ++i) {
       if (c < n_closed && closed[c] == i) { ++c; continue; }
-      count += static_cast<double>(std::abs(grad[i])) > threshold;
+      count += static_cast<double>(grad[i]) >= threshold;
     }
     counts[me + 1] = count;
 #pragma omp barrier
@@ -259,8 +259,8 @@ void candidates(const T* grad, int64_t n, double threshold, const int64_t* close
     c = std::lower_bound(closed, closed + n_closed, i0) - closed;
     for (int64_t i = i0; i < i1; ++i) {
       if (c < n_closed && closed[c] == i) { ++c; continue; }
-      const T a = std::abs(grad[i]);
-      if (static_cast<double>(a) > threshold) { index[out] = i; score[out] = a; ++out; }
+      const T a = grad[i];
+      if (static_cast<double>(a) >= threshold) { index[out] = i; score[out] = a; ++out; }
     }
   }
 }
@@ -361,14 +361,14 @@ torch::Tensor csr_weight_grad(torch::Tensor crow, torch::Tensor col, torch::Tens
   return grad;
 }
 
-// grad: contiguous block of a dense gradient; closed: sorted block-relative positions to skip.
-// Returns (scores |grad| > threshold, their block-relative positions), in position order.
-std::vector<torch::Tensor> grow_candidates(torch::Tensor grad, double threshold,
+// scores: a contiguous block of scores; closed: sorted block-relative positions to skip.
+// Returns (scores >= threshold, their block-relative positions), in position order.
+std::vector<torch::Tensor> candidates_at_least(torch::Tensor grad, double threshold,
                                            torch::Tensor closed) {
   TORCH_CHECK(grad.is_contiguous() && closed.is_contiguous() &&
-              closed.scalar_type() == torch::kInt64, "grow_candidates: bad operands");
+              closed.scalar_type() == torch::kInt64, "candidates_at_least: bad operands");
   std::vector<torch::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "grow_candidates", [&] {
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "candidates_at_least", [&] {
     std::vector<int64_t> index;
     std::vector<scalar_t> score;
     candidates<scalar_t>(grad.data_ptr<scalar_t>(), grad.numel(), threshold,
@@ -380,11 +380,39 @@ std::vector<torch::Tensor> grow_candidates(torch::Tensor grad, double threshold,
   return result;
 }
 
+// The masked backend's hot path: tensor[i] = 0 wherever active[i] is false (NaN included),
+// one pass reading a byte of mask per entry. (torch's own multiply by a bool mask converts
+// each byte on the fly, about 25x slower on a 4096 x 4096 weight.)
+// On the bits, so that the loop vectorises: the entry ANDed with all ones or with zero.
+template <typename T>
+void zero_where_false(T* data, const bool* keep, int64_t n) {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t,
+               std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(Bits) == sizeof(T), "zero_where_false: unsupported type");
+  Bits* bits = reinterpret_cast<Bits*>(data);
+  const uint8_t* flag = reinterpret_cast<const uint8_t*>(keep);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) bits[i] &= static_cast<Bits>(0) - static_cast<Bits>(flag[i]);
+}
+
+void zero_inactive(torch::Tensor tensor, torch::Tensor active) {
+  TORCH_CHECK(tensor.is_contiguous() && active.is_contiguous() &&
+              active.scalar_type() == torch::kBool && active.numel() == tensor.numel(),
+              "zero_inactive: bad operands");
+  const int64_t n = tensor.numel();
+  const bool* keep = active.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensor.scalar_type(),
+                                  "zero_inactive", [&] {
+    zero_where_false<scalar_t>(tensor.data_ptr<scalar_t>(), keep, n);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_tiles", &pack_tiles, "(features, batch) -> (tiles, features, width)");
   m.def("unpack_tiles", &unpack_tiles, "(tiles, features, width) -> (features, batch)");
   m.def("csr_forward", &csr_forward, "x W^T for a CSR W, x packed");
   m.def("csr_input_grad", &csr_input_grad, "grad_y W for a CSR W, grad_y packed");
   m.def("csr_weight_grad", &csr_weight_grad, "grad_y^T x at the non-zeros of W, both packed");
-  m.def("grow_candidates", &grow_candidates, "entries of a gradient block above a threshold");
+  m.def("zero_inactive", &zero_inactive, "tensor[~active] = 0, in place");
+  m.def("candidates_at_least", &candidates_at_least, "entries of a score block at least a threshold");
 }
