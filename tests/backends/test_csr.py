@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import sparsetrain.backends.csr as csr_module
+import sparsetrain.kernels as kernels_module
 from sparsetrain.backends.csr import CSRLinear, _CSRLinearFunction, csr_structure
 
 
@@ -12,8 +12,8 @@ from sparsetrain.backends.csr import CSRLinear, _CSRLinearFunction, csr_structur
 def kernels(request, monkeypatch):
     """Every test runs with the compiled kernels (where they build) and with torch's ops."""
     if request.param == "torch":
-        monkeypatch.setattr(csr_module, "_KERNELS", False)
-    elif csr_module.compiled_kernels() is None:
+        monkeypatch.setattr(kernels_module, "_KERNELS", False)
+    elif kernels_module.compiled_kernels() is None:
         pytest.skip("the compiled CSR kernels cannot be built here")
     return request.param
 
@@ -36,6 +36,8 @@ def test_structure_round_trip():
                                     check_invariants=True).to_dense()
     assert torch.equal(dense, csr.dense_weight())
     assert torch.equal(csr.positions(), mask.reshape(-1).nonzero().squeeze(1))
+    for r0, r1 in [(0, 6), (2, 5), (3, 3), (5, 6)]:
+        assert torch.equal(csr.dense_rows(r0, r1), csr.dense_weight()[r0:r1])
     rebuilt = CSRLinear.from_positions(csr.positions(), csr.values, (6, 9), csr.bias)
     assert torch.equal(rebuilt.dense_weight(), csr.dense_weight())
     assert torch.equal(rebuilt.crow, csr.crow) and torch.equal(rebuilt.col, csr.col)

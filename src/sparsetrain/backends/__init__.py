@@ -1,20 +1,31 @@
-"""Execution backends: how a sparse weight is stored and kept sparse through training."""
+"""Execution backends: how a sparse weight is stored and kept sparse through training.
 
+Every backend implements the protocol of :mod:`.base`; the methods reach sparse weights only
+through it.
+"""
+
+from .base import Block, GradientUnavailable
+from .conversion import to_csr, to_masked
 from .csr import CSRLinear
-from .csr_backend import CSRBackend, to_csr, to_masked
+from .csr_backend import CSRBackend
 from .masked import MaskedBackend
 
 BACKENDS = {"masked": MaskedBackend, "csr": CSRBackend}
 
 
-def make_backend(name: str, *args, **kwargs):
-    """The backend registered as ``name``, built with ``args``."""
+def available_backends() -> list[str]:
+    """Names of all backends."""
+    return list(BACKENDS)
+
+
+def get_backend(name: str) -> type:
+    """The backend class registered as ``name``."""
     if name not in BACKENDS:
         raise ValueError(
             f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}"
         )
-    return BACKENDS[name](*args, **kwargs)
+    return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "CSRBackend", "CSRLinear", "MaskedBackend", "make_backend", "to_csr",
-           "to_masked"]
+__all__ = ["BACKENDS", "Block", "CSRBackend", "CSRLinear", "GradientUnavailable",
+           "MaskedBackend", "available_backends", "get_backend", "to_csr", "to_masked"]

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+
+from ..kernels import compiled_kernels
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
@@ -32,29 +32,6 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> 
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, col, values, size=shape, dtype=values.dtype,
                                        device=values.device, check_invariants=False)
-
-
-_KERNELS: Any = None
-
-
-def compiled_kernels():
-    """The OpenMP CSR kernels (built with the machine's g++ on first use and cached by torch),
-    or ``None`` where they cannot be built: then torch's own sparse operations are used."""
-    global _KERNELS
-    if _KERNELS is None:
-        try:
-            from torch.utils.cpp_extension import load
-
-            source = Path(__file__).with_name("csrc") / "csr_kernels.cpp"
-            _KERNELS = load("sparsetrain_csr", [str(source)],
-                            extra_cflags=["-O3", "-fopenmp", "-march=native"],
-                            extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as exc:  # no compiler, no headers, a failed build: fall back
-            warnings.warn(f"sparsetrain: the compiled CSR kernels are not available ({exc}); "
-                          "using torch's sparse operations, which are slower", RuntimeWarning,
-                          stacklevel=2)
-            _KERNELS = False
-    return _KERNELS or None
 
 
 def _use_kernels(x: torch.Tensor, values: torch.Tensor) -> bool:
@@ -211,6 +188,22 @@ class CSRLinear(nn.Module):
                              device=self.values.device)
         weight[self.rows(), self.col] = self.values.detach()
         return weight
+
+    def dense_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the weight as a dense tensor (zeros where inactive)."""
+        k0, k1 = int(self.crow[r0]), int(self.crow[r1])
+        counts = self.crow[r0 + 1:r1 + 1] - self.crow[r0:r1]
+        rows = torch.repeat_interleave(torch.arange(r1 - r0, device=counts.device), counts)
+        block = torch.zeros(r1 - r0, self.in_features, dtype=self.values.dtype,
+                            device=self.values.device)
+        block[rows, self.col[k0:k1]] = self.values.detach()[k0:k1]
+        return block
+
+    def forward_flops(self, inputs, output) -> tuple[float, float]:
+        """FLOPs of the forward pass that produced ``output``: (weight products, bias
+        additions); each non-zero is one multiply-add (2 FLOPs) per output row."""
+        per_row = output.numel() // self.out_features
+        return 2.0 * self.nnz * per_row, float(output.numel()) if self.bias is not None else 0.0
 
     def mask(self) -> torch.Tensor:
         mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool,
