@@ -8,19 +8,23 @@ Two lines in any training loop::
 """
 
 from . import data, models
-from .flops import FlopsReport, flops, training_flops_per_example
+from .flops import FlopsReport, flops
 from .methods import (
     GMP,
     SET,
     SNFS,
     DynamicSparsifier,
     RigL,
+    Sparsifier,
     Static,
     available_methods,
     get_method,
     make_sparsifier,
     register_method,
+    supported_pairs,
+    training_flops_per_example,
 )
+from .backends import available_backends
 from .pruning import (
     PRUNING_METHODS,
     LotteryRound,
@@ -55,7 +59,10 @@ __all__ = [
     "RigL",
     "SET",
     "SNFS",
+    "Sparsifier",
     "Static",
+    "available_backends",
+    "supported_pairs",
     "available_methods",
     "dense_param_count",
     "densities_for_shapes",

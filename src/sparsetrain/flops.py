@@ -11,7 +11,12 @@ with hooks and counts, per layer, three kinds apart:
 - ``other``: activations (1 per element), normalisation (2 per element: scale and shift),
   pooling (one per window element), attention's two products (2 FLOPs per multiply-add).
 
-Totals are per example (divided by the batch size of ``example_input``).
+Totals are per example (divided by the batch size of ``example_input``). A module that stores
+its weight in a form of its own (such as the CSR backend's layer) counts itself: it defines
+``forward_flops(inputs, output) -> (weight FLOPs, bias FLOPs)``.
+
+The training FLOPs of each method (forward and backward passes, RigL paper Appendix H) are the
+plain functions at the end; every method names its own in ``training_flops``.
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-
-from .backends.csr import CSRLinear
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
                 nn.Hardswish, nn.Hardtanh, nn.Softmax, nn.LogSoftmax, nn.Mish, nn.PReLU)
@@ -76,10 +79,12 @@ class FlopsReport:
                            for n, f in self.layers.items()}}
 
 
-def _active(param: torch.Tensor, masks: Mapping[str, torch.Tensor], names: dict[int, str]) -> int:
+def _active(param: torch.Tensor, masks: Mapping[str, torch.Tensor | int],
+            names: dict[int, str]) -> int:
     name = names.get(id(param))
     if name is not None and name in masks:
-        return int(masks[name].sum())
+        active = masks[name]
+        return int(active.sum()) if torch.is_tensor(active) else int(active)
     return param.numel()
 
 
@@ -100,10 +105,8 @@ def _count(module: nn.Module, inputs, output, masks, names) -> LayerFlops:
     result = LayerFlops()
     if out is None:
         return result
-    if isinstance(module, CSRLinear):  # its weight is its non-zeros, whatever the masks say
-        result.weights = 2 * module.nnz * (out.numel() // module.out_features)
-        if module.bias is not None:
-            result.bias = out.numel()
+    if callable(getattr(module, "forward_flops", None)):  # a layer that counts itself
+        result.weights, result.bias = module.forward_flops(inputs, output)
     elif isinstance(module, nn.Linear):
         positions = out.numel() // module.out_features
         result.weights = 2 * _active(module.weight, masks, names) * positions
@@ -136,6 +139,9 @@ def _count(module: nn.Module, inputs, output, masks, names) -> LayerFlops:
             w = module.in_proj_weight
             name = names.get(id(w))
             mask = masks.get(name) if name is not None else None
+            if mask is not None and not torch.is_tensor(mask):
+                raise ValueError(f"the FLOPs of {name!r} need its mask, not only its count: "
+                                 "the active weights of its q, k and v parts are counted apart")
             rows = [mask[i * e:(i + 1) * e] if mask is not None else w[i * e:(i + 1) * e]
                     for i in range(3)]
             counts = [int(r.sum()) if mask is not None else r.numel() for r in rows]
@@ -175,15 +181,18 @@ def flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tensor] | N
           ) -> FlopsReport:
     """Forward FLOPs of one example of ``example_input`` (a batch, or a tuple of inputs).
 
-    ``masks`` (name -> bool tensor, e.g. ``sparsifier.masks``) makes a sparsified layer cost its
-    active weights only. Functional operations outside modules (``torch.relu`` in ``forward``)
-    are not seen by the counting; the weight FLOPs, which dominate, are always exact.
+    ``masks`` (name -> bool mask, or name -> number of active weights, e.g.
+    ``sparsifier.active_counts()``) makes a sparsified layer cost its active weights only.
+    Functional operations outside modules (``torch.relu`` in ``forward``) are not seen by the
+    counting; the weight FLOPs, which dominate, are always exact.
     """
     masks = dict(masks or {})
     names = {id(p): n for n, p in model.named_parameters()}
-    csr_weights = {f"{path}.weight" if path else "weight"
-                   for path, m in model.named_modules() if isinstance(m, CSRLinear)}
-    unknown = sorted(set(masks) - set(names.values()) - csr_weights)
+    # the weights of layers that count themselves may have no parameter of their name
+    self_counting = tuple(f"{path}." if path else "" for path, m in model.named_modules()
+                          if callable(getattr(m, "forward_flops", None)))
+    unknown = sorted(n for n in set(masks) - set(names.values())
+                     if not n.startswith(self_counting))
     if unknown:
         raise ValueError(f"masks name weights the model does not have: {unknown}")
     report = FlopsReport()
@@ -221,23 +230,26 @@ def flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tensor] | N
     return report
 
 
-def training_flops_per_example(method: str, f_dense: float, f_sparse: float, *,
-                               delta_t: int = 100) -> float:
-    """FLOPs of one training step per example (forward and backward, 3x the forward pass).
+def dense_training_flops(f_dense: float) -> float:
+    """Per example and step, dense training: forward and backward, ``3 f_D``."""
+    return 3 * f_dense
 
-    dense: ``3 f_D``; static, SET and pruning at initialisation: ``3 f_S``; SNFS: ``2 f_S + f_D``
-    (the dense gradient every step); RigL: ``(3 f_S delta_t + 2 f_S + f_D) / (delta_t + 1)``.
-    Gradual magnitude pruning changes its density: see ``gmp_training_flops``.
-    """
-    if method == "dense":
-        return 3 * f_dense
-    if method in ("static", "set", "snip", "grasp", "synflow", "random", "magnitude"):
-        return 3 * f_sparse
-    if method == "snfs":
-        return 2 * f_sparse + f_dense
-    if method == "rigl":
-        return (3 * f_sparse * delta_t + 2 * f_sparse + f_dense) / (delta_t + 1)
-    raise ValueError(f"no training FLOPs formula for method {method!r}")
+
+def sparse_training_flops(f_sparse: float) -> float:
+    """Per example and step, a fixed sparse topology (Static, SET, pruning at initialisation):
+    ``3 f_S``."""
+    return 3 * f_sparse
+
+
+def snfs_training_flops(f_dense: float, f_sparse: float) -> float:
+    """Per example and step, SNFS (the dense gradient every step): ``2 f_S + f_D``."""
+    return 2 * f_sparse + f_dense
+
+
+def rigl_training_flops(f_dense: float, f_sparse: float, delta_t: int) -> float:
+    """Per example and step, RigL (the dense gradient every ``delta_t`` steps):
+    ``(3 f_S delta_t + 2 f_S + f_D) / (delta_t + 1)``."""
+    return (3 * f_sparse * delta_t + 2 * f_sparse + f_dense) / (delta_t + 1)
 
 
 def gmp_training_flops(f_dense: float, densities: Sequence[float]) -> float:

@@ -27,7 +27,7 @@ def test_density(density):
         ({"total_steps": 0}, "total_steps must be a positive integer"),
         ({"total_steps": 10.5}, "total_steps must be a positive integer"),
         ({"delta_t": -1}, "delta_t must be a positive integer"),
-        ({"alpha": 1.5}, r"alpha .* must be in \[0, 1\]"),
+        ({"alpha": 1.5}, r"alpha must be in \[0, 1\] \(the initial drop fraction\)"),
         ({"drop_fraction_decay": "step"}, "drop_fraction_decay must be one of"),
         ({"t_start": -3}, "t_start must be a non-negative integer"),
         ({"backend": "csr-gpu"}, "backend must be one of 'masked'"),

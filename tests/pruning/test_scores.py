@@ -197,9 +197,45 @@ def test_synflow_refuses_layers_it_cannot_handle(module):
         st.pruning_scores(model, "synflow", input_shape=(3,))
 
 
-def test_synflow_needs_an_input_shape(model):
-    with pytest.raises(ValueError, match="input_shape"):
+def test_synflow_reads_the_input_shape_of_an_mlp_from_its_first_linear():
+    model = tiny_mlp()
+    without = st.pruning_scores(model, "synflow")
+    given = st.pruning_scores(model, "synflow", input_shape=(4,))
+    assert set(without) == {"fc1.weight", "fc2.weight"}
+    for name in given:
+        assert torch.equal(without[name], given[name])
+    # a Flatten before the first Linear: the flat shape is an input of the same scores
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
+    from_images = st.pruning_scores(flat, "synflow", input_shape=(3, 2, 2))
+    inferred = st.pruning_scores(flat, "synflow")
+    assert all(torch.equal(inferred[n], from_images[n]) for n in from_images)
+    masks = st.prune_at_init(model, "synflow", 0.5, iterations=2)  # no data needed either
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.5 * (4 * 5 + 5 * 3))
+
+
+def test_synflow_needs_an_input_shape_when_the_first_layer_is_not_linear(model):
+    with pytest.raises(ValueError, match=r"cannot read it from this model \(its first layer "
+                                         r"with weights, 'conv1', is a Conv2d, not a Linear\): "
+                                         r"pass input_shape="):
         st.pruning_scores(model, "synflow")
+
+
+def test_synflow_says_when_the_shape_read_from_the_first_linear_does_not_fit():
+    class HeadFirst(nn.Module):  # registers its Linear before the convolution it runs first
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+
+    with pytest.raises(ValueError, match=r"read the input shape \(4,\) from the first Linear "
+                                         r"layer 'head'.*pass input_shape="):
+        st.pruning_scores(HeadFirst(), "synflow")
+    assert set(st.pruning_scores(HeadFirst(), "synflow", input_shape=(1, 5, 5))) == {
+        "head.weight", "conv.weight"}
 
 
 def test_non_finite_scores_name_the_layer(model):

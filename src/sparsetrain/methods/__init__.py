@@ -1,10 +1,14 @@
 """Sparse training methods, each registered by name."""
 
-from .dst import SET, SNFS, DynamicSparsifier, RigL, Static
+from .base import Sparsifier
+from .dst import SET, DynamicSparsifier, RigL, Static
 from .gmp import GMP
-from .registry import available_methods, get_method, make_sparsifier, register_method
+from .registry import (available_methods, get_method, make_sparsifier, register_method,
+                       supported_pairs, training_flops_per_example)
+from .snfs import SNFS
 
 __all__ = [
-    "DynamicSparsifier", "GMP", "RigL", "SET", "SNFS", "Static",
-    "available_methods", "get_method", "make_sparsifier", "register_method",
+    "DynamicSparsifier", "GMP", "RigL", "SET", "SNFS", "Sparsifier", "Static",
+    "available_methods", "get_method", "make_sparsifier", "register_method", "supported_pairs",
+    "training_flops_per_example",
 ]

@@ -13,29 +13,23 @@ goes down, and a pruned weight never comes back.
 
 from __future__ import annotations
 
-import numbers
-import warnings
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..backends import make_backend
-from ..sparsity.distributions import check_density, densities_for_shapes
-from ..sparsity.masks import active_count, initial_masks
-from ..sparsity.selection import top_k_mask
-from .dst import DynamicSparsifier, _distribution_config, _positive_int
+from .. import checks
+from ..backends.base import VARIABLE_COUNT
+from ..sparsity.distributions import check_density
+from ..sparsity.masks import active_count
+from ..sparsity.schedules import gradual_density, is_pruning_step
+from .base import Sparsifier
 from .registry import register_method
-
-
-def _step_number(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+from .update import keep_largest, warn_not_finite
 
 
 @register_method("gmp")
-class GMP(DynamicSparsifier):
+class GMP(Sparsifier):
     """Gradual magnitude pruning (Zhu & Gupta 2017), used like the other sparsifiers::
 
         sparsifier = st.GMP(model, opt, density=0.1, total_steps=len(loader) * epochs)
@@ -57,8 +51,8 @@ class GMP(DynamicSparsifier):
     ``initial_density`` keeps its final density throughout). At steps
     ``start_step + frequency``, ``start_step + 2 * frequency``, ... up to ``end_step``, and
     always at ``end_step``, ``step()`` first applies the optimizer step and then keeps, in each
-    layer, the ``active_count(N_l, d_l(t))`` active weights of largest ``|W|`` (ties broken at
-    random with the seeded generator). At ``start_step`` itself the schedule is at its initial
+    layer, the ``active_count(N_l, d_l(t))`` active weights of largest ``|W|`` (ties broken by
+    the seeded random order of the positions). At ``start_step`` itself the schedule is at its initial
     density, which the masks already have, so the first pruning comes ``frequency`` steps later.
     Pruned weights are zeroed with their optimizer state and stay zero. No pruning happens
     before ``start_step`` or after ``end_step``.
@@ -67,7 +61,8 @@ class GMP(DynamicSparsifier):
     (0, 1]; ``total_steps`` the number of ``step()`` calls planned; ``distribution``
     ``"uniform"`` (default: one sparsity for every layer, as in the paper), ``"er"``, ``"erk"``
     or a dict name -> final density; ``dense_layers`` names or glob patterns of weights kept
-    dense; ``seed`` for all randomness; ``backend`` ``"masked"`` (the only one); ``initial_density`` the
+    dense; ``seed`` for all randomness; ``backend`` one that can change the number of active weights
+    (``"masked"``); ``initial_density`` the
     density at ``start_step``, in [``density``, 1]; ``start_step`` and ``end_step`` the
     schedule's first and last step; ``frequency`` steps between pruning steps (``delta_t`` is
     accepted for it too, the name the other methods use, so code that drives every method
@@ -82,88 +77,54 @@ class GMP(DynamicSparsifier):
     """
 
     fixed_budget = False
-    updates_topology = True
-    supports_compact = False  # the number of weights changes, and a CSR layer keeps it fixed
+    requires = frozenset({VARIABLE_COUNT})  # the number of active weights goes down
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        density: float,
-        total_steps: int,
-        distribution: str | Mapping[str, float] = "uniform",
-        dense_layers: Iterable[str] | str = (),
-        seed: int = 0,
-        backend: str = "masked",
-        initial_density: float = 1.0,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        frequency: int | None = None,
-        erk_power_scale: float = 1.0,
-        delta_t: int | None = None,
-    ):
-        self.density = check_density(density)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float,
+                 total_steps: int, distribution: str | Mapping[str, float] = "uniform",
+                 dense_layers: Iterable[str] | str = (), seed: int = 0,
+                 backend: str = "masked", initial_density: float = 1.0,
+                 start_step: int | None = None, end_step: int | None = None,
+                 frequency: int | None = None, erk_power_scale: float = 1.0,
+                 delta_t: int | None = None):
         self.initial_density = check_density(initial_density, "initial_density")
-        if self.density > self.initial_density:
+        if check_density(density) > self.initial_density:
             raise ValueError(
                 f"density (the final density, {density!r}) must not be above initial_density "
-                f"({initial_density!r}): pruning only removes weights"
-            )
-        self.total_steps = _positive_int(total_steps, "total_steps")
+                f"({initial_density!r}): pruning only removes weights")
+        steps = checks.positive_int(total_steps, "total_steps")
         if frequency is not None and delta_t is not None and frequency != delta_t:
-            raise ValueError(
-                f"frequency ({frequency!r}) and delta_t ({delta_t!r}) name the same period; "
-                "give one of them"
-            )
+            raise ValueError(f"frequency ({frequency!r}) and delta_t ({delta_t!r}) name the "
+                             "same period; give one of them")
         period = frequency if frequency is not None else delta_t
-        self.frequency = 100 if period is None else _positive_int(period, "frequency")
-        self.start_step = (
-            int(0.2 * self.total_steps)
-            if start_step is None
-            else _step_number(start_step, "start_step")
-        )
-        self.end_step = (
-            max(1, int(0.75 * self.total_steps))
-            if end_step is None
-            else _positive_int(end_step, "end_step")
-        )
-        if self.end_step > self.total_steps:
-            raise ValueError(
-                f"end_step must be at most total_steps ({self.total_steps}), got {self.end_step}"
-            )
+        self.frequency = 100 if period is None else checks.positive_int(period, "frequency")
+        self.start_step = (int(0.2 * steps) if start_step is None
+                           else checks.non_negative_int(start_step, "start_step"))
+        self.end_step = (max(1, int(0.75 * steps)) if end_step is None
+                         else checks.positive_int(end_step, "end_step"))
+        if self.end_step > steps:
+            raise ValueError(f"end_step must be at most total_steps ({steps}), got "
+                             f"{self.end_step}")
         if self.start_step >= self.end_step:
             default = ", the default int(0.75 * total_steps)" if end_step is None else ""
-            raise ValueError(
-                f"start_step ({self.start_step}) must be before end_step ({self.end_step}"
-                f"{default})"
-            )
-        self.erk_power_scale = float(erk_power_scale)
-        sparse = self._bind(model, optimizer, distribution, dense_layers, seed)
-        self._check_backend(backend)
+            raise ValueError(f"start_step ({self.start_step}) must be before end_step "
+                             f"({self.end_step}{default})")
+        super().__init__(model, optimizer, density=density, total_steps=total_steps,
+                         distribution=distribution, dense_layers=dense_layers, seed=seed,
+                         backend=backend, erk_power_scale=erk_power_scale)
 
-        final = densities_for_shapes(
-            {t.name: tuple(t.shape) for t in sparse},
-            self.density,
-            distribution,
-            erk_power_scale=self.erk_power_scale,
-        )
-        self._numels = {t.name: t.numel for t in sparse}
-        self._final_density = final
+    def initial_densities(self, final: Mapping[str, float]) -> Mapping[str, float]:
+        self._final_density = dict(final)
         self._initial_density = {n: max(self.initial_density, d) for n, d in final.items()}
-        self._final_counts = {n: active_count(self._numels[n], d) for n, d in final.items()}
-        self._initial_counts = {
-            n: active_count(self._numels[n], d) for n, d in self._initial_density.items()
-        }
-        masks = initial_masks(sparse, self._initial_density, self.generator)
-        self.backend = make_backend(backend, sparse, masks, optimizer)
-        self.step_count = 0
+        return self._initial_density
+
+    def init_method_state(self) -> None:
+        numel = {n: self.backend.numel(n) for n in self.backend.names}
+        self._numels = numel
+        self._final_counts = {n: active_count(numel[n], d) for n, d in self._final_density.items()}
+        self._initial_counts = {n: active_count(numel[n], d)
+                                for n, d in self._initial_density.items()}
 
     # --- the schedule ---------------------------------------------------------------------
-    def _progress(self, t: int) -> float:
-        """Fraction of the schedule done at step ``t``: 0 to ``start_step``, 1 from ``end_step``."""
-        return min(max((t - self.start_step) / (self.end_step - self.start_step), 0.0), 1.0)
-
     def target_counts(self, t: int) -> dict[str, int]:
         """Number of active weights the schedule asks of each sparsified weight at step ``t``.
 
@@ -171,15 +132,14 @@ class GMP(DynamicSparsifier):
         ``start_step``, the final one (the distribution's) from ``end_step`` on, never
         increasing in between. After the pruning at a step ``t`` the masks hold exactly these.
         """
-        progress = self._progress(t)
-        if progress <= 0.0:
+        if t <= self.start_step:
             return dict(self._initial_counts)
-        if progress >= 1.0:
+        if t >= self.end_step:
             return dict(self._final_counts)
-        remaining = (1.0 - progress) ** 3
         counts = {}
         for name, final in self._final_density.items():
-            density = final + (self._initial_density[name] - final) * remaining
+            density = gradual_density(t, initial=self._initial_density[name], final=final,
+                                      start_step=self.start_step, end_step=self.end_step)
             count = active_count(self._numels[name], density)
             counts[name] = min(max(count, self._final_counts[name]), self._initial_counts[name])
         return counts
@@ -198,9 +158,8 @@ class GMP(DynamicSparsifier):
         ``start_step + frequency``, ``start_step + 2 * frequency``, ... up to ``end_step``, and
         ``end_step`` itself.
         """
-        if not self.start_step < t <= self.end_step:
-            return False
-        return t == self.end_step or (t - self.start_step) % self.frequency == 0
+        return is_pruning_step(t, start_step=self.start_step, end_step=self.end_step,
+                               frequency=self.frequency)
 
     def drop_fraction(self, t: int) -> float:
         raise NotImplementedError(
@@ -209,54 +168,30 @@ class GMP(DynamicSparsifier):
         )
 
     # --- training -------------------------------------------------------------------------
-    def step(self, closure=None):
-        """The optimizer step with the masks kept, then the pruning that the schedule asks for.
+    def drop_scores(self, name: str) -> torch.Tensor:
+        """``|W|`` of every active weight of ``name`` (the smallest are pruned)."""
+        return self.backend.active_values(name).abs()
 
-        Returns what ``optimizer.step`` returns.
-        """
-        self.step_count += 1
-        t = self.step_count
-        self.backend.mask_gradients()
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        self.backend.mask_weights()
-        if self.is_update_step(t):
-            self._prune(t)
-        return loss
-
-    def _prune(self, t: int) -> None:
+    def update_topology(self, t: int) -> None:
         """Keep the ``target_counts(t)`` active weights of largest ``|W|`` in every layer."""
         targets = self.target_counts(t)
-        for name, mask in list(self.masks.items()):
-            n_keep = min(int(mask.sum()), targets[name])
-            if n_keep == int(mask.sum()):
+        for name in self.backend.names:
+            n_active = self.backend.n_active(name)
+            n_keep = min(n_active, targets[name])
+            if n_keep == n_active:
                 continue
-            scores = self.drop_scores(name)
-            if scores.dtype not in (torch.float32, torch.float64):
-                scores = scores.float()
-            if not torch.isfinite(scores[mask]).all():
-                warnings.warn(
-                    f"GMP: weight {name!r} has NaN or infinite values at step {t}; its pruning "
-                    "is left to the next pruning step. Lower the learning rate or clip "
-                    "gradients.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            kept = keep_largest(self, name, n_keep, t)
+            if kept is None:
+                warn_not_finite(self, name, t)
                 continue
-            kept = top_k_mask(scores.masked_fill(~mask, -float("inf")), n_keep, self.generator)
-            self.backend.replace_active(name, kept)
+            self.backend.set_active(name, kept)
 
-    # --- checkpointing --------------------------------------------------------------------
-    def _config(self) -> dict[str, Any]:
-        return {
-            "density": self.density,
-            "distribution": _distribution_config(self.distribution),
-            "total_steps": self.total_steps,
-            "initial_density": self.initial_density,
-            "start_step": self.start_step,
-            "end_step": self.end_step,
-            "frequency": self.frequency,
-            "dense_layers": list(self.dense_layers),
-            "seed": self.seed,
-            "backend": self.backend.name,
-            "erk_power_scale": self.erk_power_scale,
-        }
+    @classmethod
+    def training_flops(cls, f_dense: float, f_sparse: float, *, delta_t: int = 100) -> float:
+        """``3 f_S`` with ``f_S`` the FLOPs of the masks of the moment (they change)."""
+        return super().training_flops(f_dense, f_sparse, delta_t=delta_t)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "initial_density": self.initial_density,
+                "start_step": self.start_step, "end_step": self.end_step,
+                "frequency": self.frequency}

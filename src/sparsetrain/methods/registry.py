@@ -42,3 +42,21 @@ def get_method(name: str) -> type:
 def make_sparsifier(method: str, model, optimizer, **kwargs):
     """Build the sparsifier registered as ``method`` (e.g. ``"rigl"``) for ``model``."""
     return get_method(method)(model, optimizer, **kwargs)
+
+
+def supported_pairs() -> list[tuple[str, str]]:
+    """Every (method, backend) pair that runs: each method on the backends that provide what
+    it requires."""
+    return [(m, b) for m in available_methods() for b in get_method(m).supported_backends()]
+
+
+def training_flops_per_example(method: str, f_dense: float, f_sparse: float, *,
+                               delta_t: int = 100) -> float:
+    """FLOPs of one training step per example (forward and backward) of registered ``method``
+    (or ``"dense"``), given the forward FLOPs of the dense and the sparse model: the method's
+    own ``training_flops`` rule (RigL paper, Appendix H)."""
+    from ..flops import dense_training_flops
+
+    if method == "dense":
+        return dense_training_flops(f_dense)
+    return get_method(method).training_flops(f_dense, f_sparse, delta_t=delta_t)

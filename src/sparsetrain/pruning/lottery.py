@@ -46,7 +46,9 @@ from torch import nn
 
 from ..methods.dst import Static
 from ..sparsity.masks import validate_masks
-from ..sparsity.selection import select_global, top_k_mask
+from ..sparsity.permutation import PRUNE, RandomOrder
+from ..sparsity.positions import mask_of
+from ..sparsity.selection import order_keys, select_global, top_k_mask
 from ..sparsity.targets import Target, partition
 
 SCOPES = ("global", "layer")
@@ -183,7 +185,6 @@ class LotteryTicket:
         sparse, dense = partition(model, self.dense_layers)
         self._targets: list[Target] = sparse
         self._dense_names = [t.name for t in dense]
-        self.generator = torch.Generator().manual_seed(self.seed)
         self._masks = {
             t.name: torch.ones(t.shape, dtype=torch.bool, device=t.param.device) for t in sparse
         }
@@ -381,14 +382,17 @@ class LotteryTicket:
                     "pruned by magnitude. Lower the learning rate or clip gradients"
                 )
             scores[t.name] = magnitude.masked_fill(~mask, -math.inf)  # pruned stay pruned
+        round_number = len(self._history)
         if self.scope == "layer":
             return {
                 n: top_k_mask(s, keep_count(int(self._masks[n].sum()), self.prune_fraction),
-                              self.generator)
-                for n, s in scores.items()
+                              order_keys(RandomOrder(s.numel(), PRUNE, self.seed,
+                                                     round_number, i)))
+                for i, (n, s) in enumerate(scores.items())
             }
         n_keep = max(len(scores), round(self.active * (1.0 - self.prune_fraction)))
-        return select_global(scores, min(n_keep, self.active), self.generator, stacklevel=4)
+        return select_global(scores, min(n_keep, self.active), self.seed, round_number,
+                             stacklevel=4)
 
     # --- checkpointing --------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -402,7 +406,7 @@ class LotteryTicket:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The current masks, the rewind point, the history and the tie-breaking generator.
+        """The current masks, the rewind point and the history.
 
         Holds only tensors, numbers, strings, ``None``, lists and dicts, so it loads with
         ``torch.load(..., weights_only=True)``. The model's weights are not in it: save them
@@ -416,7 +420,6 @@ class LotteryTicket:
                 k: v.clone() for k, v in self._rewind_point.items()
             },
             "history": [record.to_dict() for record in self._history],
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -434,7 +437,8 @@ class LotteryTicket:
                 f"the saved run has {len(history)} finished rounds, more than this ticket's "
                 f"rounds + 1 = {self.rounds + 1}"
             )
-        masks = validate_masks(state["masks"], self._targets, None)
+        active = validate_masks(state["masks"], {t.name: t.shape for t in self._targets}, None)
+        masks = {t.name: mask_of(active[t.name], t.shape, t.param.device) for t in self._targets}
         rewind_point = state.get("rewind_point")
         changed = sorted(
             k for k, v in state.get("config", {}).items() if self._config().get(k) != v
@@ -450,8 +454,6 @@ class LotteryTicket:
         self._rewind_point = None if rewind_point is None else {
             str(k): v.detach().to("cpu", copy=True) for k, v in rewind_point.items()
         }
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
 
     def __repr__(self) -> str:
         return (

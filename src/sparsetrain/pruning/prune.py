@@ -24,7 +24,8 @@ from torch import nn
 
 from ..sparsity.distributions import check_density, densities_for_shapes
 from ..sparsity.masks import active_count
-from ..sparsity.selection import select_global, top_k_mask
+from ..sparsity.permutation import PRUNE, RandomOrder
+from ..sparsity.selection import order_keys, select_global, top_k_mask
 from ..sparsity.targets import partition
 from .scores import LossFn, _batches, check_pruning_method, pruning_scores
 
@@ -84,7 +85,6 @@ def prune_at_init(
         data = _batches(data, key)  # read once: every round scores the same examples
     if key == "random":
         options["seed"] = int(seed)
-    generator = torch.Generator().manual_seed(int(seed))
     total = sum(t.numel for t in sparse)
 
     masks: dict[str, torch.Tensor] | None = None
@@ -99,12 +99,12 @@ def prune_at_init(
             scores[t.name] = score
         if scope == "global":
             n_keep = max(len(sparse), round(density**power * total))
-            masks = select_global(scores, n_keep, generator, stacklevel=3)
+            masks = select_global(scores, n_keep, int(seed), e, stacklevel=3)
         else:
             masks = {
                 t.name: top_k_mask(scores[t.name], active_count(t.numel, final[t.name] ** power),
-                                   generator)
-                for t in sparse
+                                   order_keys(RandomOrder(t.numel, PRUNE, int(seed), e, i)))
+                for i, t in enumerate(sparse)
             }
     return {t.name: masks[t.name].to(t.param.device) for t in sparse}
 

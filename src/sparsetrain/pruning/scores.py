@@ -14,7 +14,10 @@ parameter name -> score tensor of the weight's shape, for every sparsifiable wei
   ``temperature`` (200) in both passes, and ``samples_per_class`` (10) examples of each class
   are drawn from ``data`` and split into two halves in class order, as the authors' code does.
 - ``synflow`` (Tanaka et al. 2020): every parameter and buffer replaced by its absolute value,
-  an all-ones input in double precision, ``R = sum(model(ones))``; score ``|W * dR/dW|``. No data.
+  an all-ones input in double precision, ``R = sum(model(ones))``; score ``|W * dR/dW|``. No data:
+  the input's shape is ``input_shape``, else that of ``data``'s first batch, else
+  ``(in_features,)`` when the model's first layer with a sparsifiable weight (in
+  ``model.modules()`` order) is an ``nn.Linear``.
 
 Scores are computed on a deep copy of the model, so its weights, buffers (BatchNorm statistics),
 gradients and train/eval mode are untouched. ``masks`` (name -> bool tensor) zero the pruned
@@ -240,7 +243,19 @@ def grasp_scores(model: nn.Module, data=None, *, loss_fn: LossFn | None = None, 
     return _check_finite(scores, "grasp")
 
 
-def _synflow_input_shape(data, input_shape) -> tuple[int, ...]:
+def _first_weight_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first module, in ``model.modules()`` order, holding a sparsifiable weight itself."""
+    weights = {id(t.param) for t in find_targets(model)}
+    for name, module in model.named_modules():
+        if any(id(p) in weights for p in module.parameters(recurse=False)):
+            return name, module
+    return None
+
+
+def _synflow_input_shape(model: nn.Module, data,
+                         input_shape) -> tuple[tuple[int, ...], str | None]:
+    """The shape of one input (without the batch dimension), and where it was read from when
+    it was read from the model (``None`` when given or read from ``data``)."""
     if input_shape is not None:
         try:
             shape = tuple(int(s) for s in input_shape)
@@ -251,13 +266,19 @@ def _synflow_input_shape(data, input_shape) -> tuple[int, ...]:
             ) from None
         if not shape or any(s <= 0 for s in shape):
             raise ValueError(f"input_shape must hold positive sizes, got {input_shape!r}")
-        return shape
-    if data is None:
-        raise ValueError(
-            "synflow needs the shape of one input: pass input_shape=(channels, height, width) "
-            "(without the batch dimension), or data to read it from"
-        )
-    return tuple(_batches(data, "synflow")[0][0].shape[1:])
+        return shape, None
+    if data is not None:
+        return tuple(_batches(data, "synflow")[0][0].shape[1:]), None
+    first = _first_weight_layer(model)
+    if first is not None and isinstance(first[1], nn.Linear) and first[1].in_features > 0:
+        return (first[1].in_features,), f"the first Linear layer {first[0]!r}"
+    what = "no layer with weights" if first is None else (
+        f"its first layer with weights, {first[0]!r}, is a {type(first[1]).__name__}")
+    raise ValueError(
+        f"synflow needs the shape of one input and cannot read it from this model ({what}, "
+        "not a Linear): pass input_shape=(channels, height, width) (without the batch "
+        "dimension), or data to read it from"
+    )
 
 
 def synflow_scores(model: nn.Module, data=None, *, loss_fn: LossFn | None = None, masks=None,
@@ -272,7 +293,7 @@ def synflow_scores(model: nn.Module, data=None, *, loss_fn: LossFn | None = None
             "all-ones input through the network with absolute-valued weights, which needs "
             "feed-forward Linear/Conv layers; use snip, grasp or magnitude for this model"
         )
-    shape = _synflow_input_shape(data, input_shape)
+    shape, read_from = _synflow_input_shape(model, data, input_shape)
     clone, targets = _scoring_copy(model, masks, train=False)
     clone.double()
     with torch.no_grad():
@@ -280,7 +301,15 @@ def synflow_scores(model: nn.Module, data=None, *, loss_fn: LossFn | None = None
             if tensor.is_floating_point():
                 tensor.abs_()
     ones = torch.ones((1, *shape), dtype=torch.float64, device=_device(clone))
-    output = clone(ones)
+    try:
+        output = clone(ones)
+    except RuntimeError as exc:
+        if read_from is None:
+            raise
+        raise ValueError(
+            f"synflow read the input shape {shape} from {read_from}, but the model does not "
+            f"take inputs of that shape ({str(exc).splitlines()[0]}); pass input_shape="
+        ) from None
     if not torch.is_tensor(output):
         raise ValueError("synflow needs a model whose forward returns one tensor")
     params = [t.param for t in targets]
@@ -318,7 +347,8 @@ def pruning_scores(model: nn.Module, method: str, data: Iterable | None = None, 
 
     ``method``: ``"random"``, ``"magnitude"``, ``"snip"``, ``"grasp"`` or ``"synflow"``.
     ``data``: an iterable of ``(inputs, targets)`` batches (needed by SNIP and GraSP; SynFlow
-    reads only the input shape from it, or takes ``input_shape=``). ``loss_fn(outputs,
+    reads only the input shape from it, or takes ``input_shape=``, or without either reads
+    ``(in_features,)`` from a first ``nn.Linear`` layer). ``loss_fn(outputs,
     targets)`` defaults to cross-entropy. Options: ``seed`` (random), ``temperature`` and
     ``samples_per_class`` (GraSP), ``input_shape`` (SynFlow), ``train`` (SNIP and GraSP score
     the copy in train mode unless ``train=False``), ``masks`` (zero these weights first).

@@ -1,0 +1,105 @@
+"""Checks of arguments and settings, shared by the library, the runner and the command line.
+
+Every function takes the value and the name the user knows it by (``"epochs"``,
+``"--jobs"``), returns the value in its plain Python type when it is acceptable, and otherwise
+raises ``ValueError`` with one message that says what was wrong (the value given), what is
+expected, and how to fix it. ``fix`` replaces the default advice where the caller knows better
+(e.g. which option to pass).
+
+    epochs = positive_int(epochs, "epochs")
+    density = real_in_range(density, "density", 0, 1, low_open=True,
+                            meaning="the fraction of weights kept")
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Collection
+
+
+def _fail(name: str, expected: str, value: Any, fix: str | None, default_fix: str) -> None:
+    raise ValueError(f"{name} must be {expected}, got {value!r}; {fix or default_fix}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def positive_int(value: Any, name: str, *, fix: str | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer >= 1 (bools are refused)."""
+    if not _is_int(value) or value < 1:
+        _fail(name, "a positive integer", value, fix, f"give {name} a whole number of 1 or more")
+    return int(value)
+
+
+def non_negative_int(value: Any, name: str, *, fix: str | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer >= 0 (bools are refused)."""
+    if not _is_int(value) or value < 0:
+        _fail(name, "a non-negative integer", value, fix,
+              f"give {name} a whole number of 0 or more")
+    return int(value)
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if high == math.inf:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if low == -math.inf:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def real_in_range(value: Any, name: str, low: float = -math.inf, high: float = math.inf, *,
+                  low_open: bool = False, high_open: bool = False, meaning: str | None = None,
+                  fix: str | None = None) -> float:
+    """``value`` as a ``float`` if it is a real number (not a bool, not NaN) between ``low``
+    and ``high``; the bounds are included unless ``low_open`` / ``high_open``. ``meaning``
+    (e.g. "the fraction of weights kept") is added to the message after the range."""
+    interval = _interval(low, high, low_open, high_open)
+    expected = interval + (f" ({meaning})" if meaning else "")
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+    if not ok:
+        _fail(name, expected, value, fix, f"give {name} a number {interval}")
+    return float(value)
+
+
+def positive_real(value: Any, name: str, *, fix: str | None = None) -> float:
+    """``value`` as a ``float`` if it is a real number > 0."""
+    return real_in_range(value, name, 0.0, low_open=True, fix=fix)
+
+
+def fraction(value: Any, name: str, *, zero: bool = False, one: bool = True,
+             meaning: str | None = None, fix: str | None = None) -> float:
+    """``value`` as a ``float`` if it is in [0, 1]; 0 is refused unless ``zero``, 1 is
+    accepted unless ``one=False``."""
+    return real_in_range(value, name, 0.0, 1.0, low_open=not zero, high_open=not one,
+                         meaning=meaning, fix=fix)
+
+
+def choice(value: Any, name: str, choices: Collection[Any], *, fix: str | None = None) -> Any:
+    """``value`` itself if it is one of ``choices`` (compared with ``==``)."""
+    listed = ", ".join(repr(c) for c in choices)
+    try:
+        found = value in choices
+    except TypeError:  # an unhashable value asked of a set
+        found = False
+    if not found:
+        _fail(name, f"one of {listed}", value, fix, f"choose one of {listed}")
+    return value
+
+
+def boolean(value: Any, name: str, *, fix: str | None = None) -> bool:
+    """``value`` if it is ``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        _fail(name, "True or False", value, fix, f"give {name} as true or false")
+    return value
+
+
+def integer(value: Any, name: str, *, fix: str | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer of any sign (bools are refused)."""
+    if not _is_int(value):
+        _fail(name, "an integer", value, fix, f"give {name} a whole number")
+    return int(value)

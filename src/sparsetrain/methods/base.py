@@ -1,0 +1,316 @@
+"""The base of every sparse training method: binding, the training step, state and statistics.
+
+A :class:`Sparsifier` binds a model, its optimizer and a backend (which stores the sparse
+weights, see :mod:`sparsetrain.backends.base`). It decides *when* the topology changes
+(``is_update_step``) and runs the step; a method says *how* (``update_topology``) through the
+backend protocol alone, so the same method runs on every backend. It owns the step count and
+the seed: every random choice is a pure function of (seed, purpose, step, layer, position) (see
+:mod:`sparsetrain.sparsity.permutation`), so there is no generator state, and every backend and
+data-parallel rank makes the same choices.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .. import checks
+from ..backends import get_backend
+from ..flops import sparse_training_flops
+from ..sparsity.distributions import check_density, densities_for_shapes
+from ..sparsity.masks import initial_active, validate_masks
+from ..sparsity.permutation import RandomOrder
+from ..sparsity.targets import Target, partition
+
+
+def _check_optimizer(optimizer: Any, targets: list[Target]) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [t.name for t in targets if id(t.param) not in in_optimizer]
+    if missing:
+        raise ValueError(
+            f"the optimizer does not update the sparsified weights {missing}; build the "
+            "optimizer from model.parameters() of the same model, or keep those weights dense "
+            "with dense_layers"
+        )
+
+
+def distribution_config(distribution: str | Mapping[str, float]) -> str | dict[str, float]:
+    """The distribution as a plain value for a state_dict (a custom map as a dict of floats)."""
+    if isinstance(distribution, Mapping):
+        return {str(k): float(v) for k, v in distribution.items()}
+    return distribution
+
+
+class _Masks(Mapping):
+    """name -> dense bool mask of each sparsified weight, built on access from its active set
+    (O(numel) per access: for a user who asks; the library itself never does)."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._backend.names:
+            raise KeyError(name)
+        return self._backend.dense_mask(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._backend.names)
+
+    def __len__(self) -> int:
+        return len(self._backend.names)
+
+
+class Sparsifier:
+    """Base of the sparse training methods; use a method (``st.RigL``, ``st.GMP``, ...).
+
+    Subclasses set their own settings, then call ``Sparsifier.__init__``, and override:
+
+    - ``is_update_step(t)`` and ``update_topology(t)``: when and how the active sets change;
+    - ``observe_gradients()``: called every step with the dense gradients in place;
+    - ``training_flops(f_dense, f_sparse, delta_t=...)``: training FLOPs per example and step;
+    - ``requires`` (backend capabilities) and ``update_reads_gradient`` (whether an update's
+      scores read the dense gradient of its step).
+    """
+
+    method_name = "sparsifier"
+    fixed_budget = True  # every layer keeps its number of active weights from start to end
+    requires: frozenset[str] = frozenset()
+    update_reads_gradient = False
+    optimizer_step_on_update = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float,
+                 total_steps: int, distribution: str | Mapping[str, float] = "erk",
+                 dense_layers: Iterable[str] | str = (), masks: Mapping | None = None,
+                 seed: int = 0, backend: str = "masked", erk_power_scale: float = 1.0):
+        self.density = check_density(density)
+        self.total_steps = checks.positive_int(total_steps, "total_steps")
+        self.seed = checks.integer(seed, "seed")
+        self.distribution = distribution
+        self.erk_power_scale = float(erk_power_scale)
+        self.dense_layers = ((dense_layers,) if isinstance(dense_layers, str)
+                             else tuple(dense_layers))
+        self.model = model
+        self.optimizer = optimizer
+        sparse, dense = partition(model, self.dense_layers)
+        self._dense_names = [t.name for t in dense]
+        _check_optimizer(optimizer, sparse)
+        backend_class = get_backend(backend)
+        missing = sorted(self.requires - backend_class.capabilities)
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} is not available on backend={backend!r}: it needs "
+                f"{', '.join(missing)}, which that backend does not provide; use a backend "
+                f"that does ({', '.join(self.supported_backends())})")
+        shapes = {t.name: tuple(t.shape) for t in sparse}
+        if masks is None:
+            final = densities_for_shapes(shapes, self.density, distribution,
+                                         erk_power_scale=self.erk_power_scale)
+            active = initial_active(sparse, self.initial_densities(final), self.seed)
+        else:
+            active = validate_masks(masks, shapes, self.density)
+        self.backend = backend_class(sparse, active, optimizer, model=model, seed=self.seed)
+        self._index = {name: i for i, name in enumerate(self.backend.names)}
+        self.step_count = 0
+        self.init_method_state()
+        self._prepare_next_step()
+
+    @classmethod
+    def supported_backends(cls) -> list[str]:
+        """The backends this method runs on (those providing what it ``requires``)."""
+        from ..backends import BACKENDS
+
+        return [n for n, b in BACKENDS.items() if cls.requires <= b.capabilities]
+
+    # --- what the methods override ----------------------------------------------------------
+    def initial_densities(self, final: Mapping[str, float]) -> Mapping[str, float]:
+        """The layer densities to start from, given the distribution's (final) ones."""
+        return final
+
+    def init_method_state(self) -> None:
+        """Create method-specific state (called at the end of ``__init__``)."""
+
+    def observe_gradients(self) -> None:
+        """Called every step with the dense gradients in place, before they are masked."""
+
+    def is_update_step(self, t: int) -> bool:
+        """Whether the ``t``-th call of ``step()`` changes the active sets."""
+        return False
+
+    def update_topology(self, t: int) -> None:
+        """Change the active sets at update step ``t``."""
+
+    @classmethod
+    def training_flops(cls, f_dense: float, f_sparse: float, *, delta_t: int = 100) -> float:
+        """Training FLOPs per example of one step, given the forward FLOPs of the dense and of
+        the sparse model (RigL paper, Appendix H)."""
+        return sparse_training_flops(f_sparse)
+
+    def method_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_method_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def config(self) -> dict[str, Any]:
+        """The settings, as plain values (saved in the state_dict and compared on load)."""
+        return {"density": self.density, "distribution": distribution_config(self.distribution),
+                "total_steps": self.total_steps, "dense_layers": list(self.dense_layers),
+                "seed": self.seed, "backend": self.backend.name,
+                "erk_power_scale": self.erk_power_scale}
+
+    # --- the training step ----------------------------------------------------------------
+    def step(self, closure=None):
+        """The optimizer step, with the inactive weights kept at zero and the topology updated
+        on schedule. Returns what ``optimizer.step`` returns, or ``None`` on an update step
+        that replaces it."""
+        self.step_count += 1
+        t = self.step_count
+        self.observe_gradients()
+        update = self.is_update_step(t)
+        loss = None
+        if not update or self.optimizer_step_on_update:
+            self.backend.mask_gradients()
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+            self.backend.after_optimizer_step()
+        if update:
+            with torch.no_grad():
+                self.update_topology(t)
+        self._prepare_next_step()
+        return loss
+
+    def _prepare_next_step(self) -> None:
+        """Tell the backend whether the coming step's dense gradient feeds an update."""
+        self.backend.prepare_step(self.update_reads_gradient
+                                  and self.is_update_step(self.step_count + 1))
+
+    def mask_gradients(self) -> None:
+        """Zero the gradients of inactive weights now (e.g. before clipping gradients).
+
+        ``step()`` does this itself; call it earlier only on steps whose update does not read
+        the dense gradient (``not sparsifier.is_update_step(t) or not
+        sparsifier.update_reads_gradient``).
+        """
+        self.backend.mask_gradients()
+
+    def order(self, name: str, purpose: int, t: int | None = None) -> RandomOrder:
+        """The random order of weight ``name``'s positions for ``purpose`` at step ``t`` (the
+        current step by default): tie keys, random growth."""
+        step = self.step_count if t is None else t
+        return RandomOrder(self.backend.numel(name), self.seed, purpose, step, self._index[name])
+
+    # --- what the runner, reports and FLOPs read ------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """The sparsified weights, as ``model.named_parameters()`` names them."""
+        return list(self.backend.names)
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]:
+        """Parameter name -> dense bool mask of its shape (built on access)."""
+        return _Masks(self.backend)
+
+    def numel(self, name: str) -> int:
+        """Number of weights (active or not) of sparsified weight ``name``."""
+        return self.backend.numel(name)
+
+    def active_counts(self) -> dict[str, int]:
+        """Number of active weights of every sparsified weight."""
+        return {n: self.backend.n_active(n) for n in self.backend.names}
+
+    def active_positions(self, name: str) -> torch.Tensor:
+        """The active set of ``name``: sorted flat positions (int64)."""
+        return self.backend.active_positions(name)
+
+    def layer_densities(self) -> dict[str, float]:
+        """Current density of every sparsified weight, and 1.0 for those kept dense."""
+        b = self.backend
+        result = {n: b.n_active(n) / b.numel(n) for n in b.names}
+        result.update({n: 1.0 for n in self._dense_names})
+        return result
+
+    def overall_density(self) -> float:
+        """Active weights over all sparsified weights."""
+        b = self.backend
+        return sum(b.n_active(n) for n in b.names) / sum(b.numel(n) for n in b.names)
+
+    def ever_active_fraction(self) -> float:
+        """Fraction of the sparsified weights that have been active at some point."""
+        b = self.backend
+        return sum(b.ever_active_count(n) for n in b.names) / sum(b.numel(n) for n in b.names)
+
+    def training_flops_per_example(self, f_dense: float, f_sparse: float) -> float:
+        """Training FLOPs per example of one step of this run (see ``training_flops``)."""
+        return self.training_flops(f_dense, f_sparse, delta_t=getattr(self, "delta_t", 100))
+
+    def mask_fingerprint(self) -> torch.Tensor:
+        """A cheap summary of every layer's active set (int64, one row ``(count, hash)`` per
+        sparsified weight): equal on replicas that hold the same masks, and all but surely
+        different where they do not. Under data parallelism compare it across ranks."""
+        rows = []
+        for name in self.backend.names:
+            positions = self.backend.active_positions(name).to(device="cpu", dtype=torch.int64)
+            # a sum of a mixing function of each position: order-free, wraps around in int64
+            mixed = (positions + 1) * 0x9E3779B1 ^ (positions >> 7) * 0x85EBCA77
+            rows.append(torch.stack([torch.tensor(positions.numel()), mixed.sum()]))
+        return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
+
+    # --- checkpointing --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: the step, every weight's active set (sorted
+        flat positions) and the positions ever active, the settings and the method's state.
+
+        Holds only tensors, numbers, strings, lists and dicts, so it loads with
+        ``torch.load(..., weights_only=True)``; a state saved on one backend loads on another.
+        """
+        b = self.backend
+        return {
+            "method": self.method_name,
+            "step_count": self.step_count,
+            "positions": {n: b.active_positions(n).cpu().clone() for n in b.names},
+            "ever_active": {n: b.ever_active_positions(n).cpu().clone() for n in b.names},
+            "config": self.config(),
+            "method_state": self.method_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict()``; the weights and optimizer state are restored separately.
+
+        Also reads states of earlier versions, which held bool ``masks``."""
+        if not isinstance(state, Mapping) or "method" not in state or "step_count" not in state:
+            raise ValueError("not a sparsetrain sparsifier state_dict (expected the keys "
+                             "'method', 'step_count', 'positions', ...)")
+        if state["method"] != self.method_name:
+            raise ValueError(f"the state_dict is of method {state['method']!r}, but this "
+                             f"sparsifier is {self.method_name!r}")
+        saved = {**dict(state.get("masks") or {}), **dict(state.get("positions") or {})}
+        b = self.backend
+        active = validate_masks(saved, {n: b.shape(n) for n in b.names}, None)
+        config, saved_config = self.config(), dict(state.get("config") or {})
+        changed = sorted(k for k, v in saved_config.items() if config.get(k) != v)
+        if changed:
+            warnings.warn(f"{type(self).__name__}.load_state_dict: the saved run had other "
+                          f"settings for {changed}; continuing with this sparsifier's settings"
+                          + (", except the saved seed, which fixes every random choice of the "
+                             "run" if "seed" in changed else ""), stacklevel=2)
+        if "seed" in saved_config:
+            self.seed = checks.integer(saved_config["seed"], "the saved seed")
+        for name, positions in active.items():
+            b.restore_active(name, positions)
+        for name, positions in (state.get("ever_active") or {}).items():
+            if name in active and torch.is_tensor(positions):
+                b.restore_ever_active(name, positions.to(torch.int64).reshape(-1))
+        self.step_count = checks.non_negative_int(int(state["step_count"]), "step_count")
+        self.load_method_state(state.get("method_state", {}))
+        self._prepare_next_step()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(density={self.density}, distribution="
+                f"{self.distribution!r}, layers={len(self.backend.names)}, "
+                f"backend={self.backend.name!r}, step={self.step_count}/{self.total_steps})")

@@ -1,0 +1,107 @@
+"""Drop and grow on one layer, written once for every backend (RigL paper, Algorithm 1).
+
+Keep the ``n_active - n_drop`` active weights with the largest drop score, then grow the
+``n_drop`` positions with the largest grow score among those not kept (with ``allow_regrowth``;
+else among those inactive before the drop). Ties go by the tie keys of
+:mod:`sparsetrain.sparsity.selection`. The drop score is read at the active positions; the grow
+score is computed on the backend's row blocks and reduced by a running top-k, so a compact layer
+never has a dense tensor of its size. A grow score marked with :func:`descending_order` (a
+random order) is not computed at all: the first free positions of its order are taken, which
+is the same selection at O(n_drop) cost.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from ..sparsity.permutation import DROP, GROW
+from ..sparsity.positions import merge_sorted
+from ..sparsity.selection import RunningTopK, comparable, first_free, order_keys, top_k
+
+
+def descending_order(order_method: str) -> Callable:
+    """Mark a grow score as ``-rank`` in the random order that ``sparsifier.<order_method>(name)``
+    returns, so that its top-k can be listed from the order instead of computed."""
+
+    def mark(score):
+        score.descending_order = order_method
+        return score
+
+    return mark
+
+
+def _finite(scores: torch.Tensor) -> bool:
+    if not scores.is_floating_point() or scores.numel() == 0:
+        return True
+    low, high = torch.aminmax(scores)  # NaN and infinities reach the extremes
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def warn_not_finite(sparsifier, name: str, t: int) -> None:
+    warnings.warn(
+        f"{type(sparsifier).__name__}: weight {name!r} has NaN or infinite weights or scores "
+        f"at step {t}; its topology update is skipped. Lower the learning rate or clip "
+        "gradients.", RuntimeWarning, stacklevel=4)
+
+
+def keep_largest(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | None:
+    """The ``n_keep`` active positions of ``name`` with the largest drop score (sorted), or
+    ``None`` if the scores are not finite."""
+    active = sparsifier.backend.active_positions(name)
+    scores = sparsifier.drop_scores(name)
+    if scores.numel() != active.numel():
+        raise ValueError(f"{type(sparsifier).__name__}.drop_scores({name!r}) must give one score "
+                         f"per active weight ({active.numel()}), got {scores.numel()}")
+    if not _finite(scores):
+        return None
+    keys = order_keys(sparsifier.order(name, DROP, t), active)
+    return active[top_k(scores, n_keep, keys)]
+
+
+def grow_largest(sparsifier, name: str, k: int, closed: torch.Tensor,
+                 t: int) -> torch.Tensor | None:
+    """The ``k`` positions of ``name`` outside the sorted ``closed`` with the largest grow
+    score (sorted), or ``None`` if a score is not finite."""
+    order_method = getattr(type(sparsifier).grow_scores, "descending_order", None)
+    if order_method is not None:
+        return first_free(getattr(sparsifier, order_method)(name), k, closed)
+    backend = sparsifier.backend
+    running = RunningTopK(k, sparsifier.order(name, GROW, t).rank)
+    bounds = torch.tensor([0, 0], device=closed.device)
+    for block in backend.blocks(name):
+        scores = sparsifier.grow_scores(block)
+        if scores.numel() != block.hi - block.lo:
+            raise ValueError(f"{type(sparsifier).__name__}.grow_scores must give a score of "
+                             f"the block's shape {tuple(block.shape)}, got "
+                             f"{tuple(scores.shape)}")
+        flat = comparable(scores)
+        if not _finite(flat):
+            return None
+        bounds[0], bounds[1] = block.lo, block.hi
+        a, b = torch.searchsorted(closed, bounds).tolist()
+        running.offer(flat.contiguous(), block.lo, (closed[a:b] - block.lo).to(flat.device))
+    return running.result().to(closed.device)
+
+
+def drop_and_grow(sparsifier, name: str, n_drop: int, t: int, *,
+                  allow_regrowth: bool = True) -> bool:
+    """Replace the ``n_drop`` weakest active weights of ``name`` by as many grown ones; returns
+    whether the active set was updated (``False``, with a warning, on non-finite scores)."""
+    backend = sparsifier.backend
+    n_active, numel = backend.n_active(name), backend.numel(name)
+    n_drop = max(0, min(int(n_drop), n_active, numel - n_active))
+    if n_drop == 0:
+        return True
+    kept = keep_largest(sparsifier, name, n_active - n_drop, t)
+    grown = None
+    if kept is not None:
+        closed = kept if allow_regrowth else backend.active_positions(name)
+        grown = grow_largest(sparsifier, name, n_drop, closed, t)
+    if grown is None:
+        warn_not_finite(sparsifier, name, t)
+        return False
+    backend.set_active(name, merge_sorted(kept, grown.to(kept.device))[0])
+    return True
