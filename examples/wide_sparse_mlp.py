@@ -49,8 +49,8 @@ def main() -> None:
     sparsifier = st.RigL(model, opt, density=args.density, distribution="erk",
                          total_steps=steps_per_epoch * args.epochs, delta_t=args.delta_t,
                          backend="csr")
-    active = sum(sparsifier.backend.n_active(n) for n in sparsifier.backend.names)
-    potential = sum(sparsifier.backend.numel(n) for n in sparsifier.backend.names)
+    active = sum(sparsifier.active_counts().values())
+    potential = sum(sparsifier.numel(n) for n in sparsifier.names)
     print(f"MLP 784-{h}-{h}-10: {potential:,} potential connections, {active:,} active "
           f"(density {active / potential:.4f}); layer densities "
           + ", ".join(f"{n} {d:.3g}" for n, d in sparsifier.layer_densities().items()))

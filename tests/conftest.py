@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -59,6 +61,22 @@ def schedule_kwargs(method, delta_t, **fixed_budget_only):
 
     extra = fixed_budget_only if st.get_method(method).fixed_budget else {}
     return {"delta_t": delta_t, **extra}
+
+
+# The shared data beside the checkout (``../shared/data``), here and in CI. The library never
+# looks there: tests that need a file from it get its path from a fixture.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CIFAR10_SAMPLE = SHARED_DATA / "cifar10_sample.npz"
+
+
+@pytest.fixture
+def cifar10_sample(monkeypatch) -> Path:
+    """The CIFAR-10 sample beside the checkout, also named by ``$SPARSETRAIN_CIFAR10_SAMPLE``
+    for the test's duration; the test is skipped when the file is not there."""
+    if not CIFAR10_SAMPLE.is_file():
+        pytest.skip(f"the CIFAR-10 sample is not beside this checkout ({CIFAR10_SAMPLE})")
+    monkeypatch.setenv("SPARSETRAIN_CIFAR10_SAMPLE", str(CIFAR10_SAMPLE))
+    return CIFAR10_SAMPLE
 
 
 OPTIMIZERS = {

@@ -120,3 +120,15 @@ def test_sweep_and_report(tmp_path, capsys):
     assert (tmp_path / "r" / "report.md").exists()
     assert main(["sweep", "--model", "lenet300"]) == 2
     assert "nothing to sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "lenet300", "--data", "synthetic", "--nproc", "0"],
+     "--nproc must be a positive integer, got 0; --nproc is the number of training processes"),
+    (["sweep", "--model", "lenet300", "--data", "synthetic", "--grid", "seed=0,1", "--jobs", "0"],
+     "--jobs must be a positive integer, got 0; --jobs is the number of runs"),
+])
+def test_process_counts_are_checked(tmp_path, capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

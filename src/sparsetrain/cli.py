@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from . import checks
 from .runner.sweep import PRESETS
 from .runner.config import (
     ConfigError,
@@ -30,6 +31,7 @@ from .runner.config import (
     normalise_key,
     unknown_key_error,
 )
+from .runner.folder import config_path
 
 HELP = {
     "model": "model name (see `sparsetrain list`)",
@@ -147,9 +149,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     given = _given_settings(args)
     layers = []
     if args.resume is not None:
-        saved = args.resume / "config.yaml"
+        saved = config_path(args.resume)
         if not saved.is_file():
-            raise ConfigError(f"nothing to resume in {args.resume}: it has no config.yaml "
+            raise ConfigError(f"nothing to resume in {args.resume}: it has no {saved.name} "
                               "(is it a sparsetrain run folder?)")
         if args.config is None:
             layers.append(load_yaml(saved))  # the run's own settings, checked against the
@@ -193,8 +195,11 @@ def _sweep(args: argparse.Namespace) -> int:
         grid[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
     if not grid:
         raise ConfigError("nothing to sweep: give --preset, --config or --grid KEY=V1,V2")
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    try:
+        checks.positive_int(args.jobs, "--jobs", fix="--jobs is the number of runs trained "
+                            "at the same time; 1 trains them one after the other")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     cells = expand_grid(base, grid)
     sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{name}"
     folders = run_sweep(cells, sweep_dir, jobs=args.jobs)
@@ -247,23 +252,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         return _list()
     if args.command == "train" and args.nproc != 1:
-        if args.nproc < 1:
-            print("sparsetrain: error: --nproc must be a positive number of processes",
-                  file=sys.stderr)
+        try:
+            checks.positive_int(args.nproc, "--nproc", fix="--nproc is the number of "
+                                "training processes on this machine, e.g. --nproc 2")
+        except ValueError as exc:
+            print(f"sparsetrain: error: {exc}", file=sys.stderr)
             return 2
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # not yet under torchrun
             from .runner.distributed import launch
 
             return launch(_without_nproc(argv), args.nproc)
     from .data import DataFileError
-    from .runner.train import Trainer, TrainingError, run_folder
+    from .runner.folder import has_checkpoint, run_folder
+    from .runner.train import Trainer, TrainingError
 
     try:
         if args.command in ("sweep", "report"):
             return _sweep(args) if args.command == "sweep" else _report(args)
         config, resume = resolve_config(args)
         out = run_folder(config)
-        if not resume and (out / "checkpoint.pt").exists():
+        if not resume and has_checkpoint(out):
             raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or "
                               "pass another --out")
         trainer = Trainer(config, out, resume=resume)

@@ -120,13 +120,24 @@ def test_cifar_needs_its_folder(tmp_path):
         load_dataset("cifar10", tmp_path)
 
 
-def test_cifar10_sample():
-    if not (datasets._REPO_SHARED / "cifar10_sample.npz").is_file():
-        pytest.skip("the CIFAR-10 sample is not beside this checkout")
-    ds = load_dataset("cifar10-sample")
+def test_cifar10_sample(cifar10_sample, monkeypatch):
+    ds = load_dataset("cifar10-sample")  # the file named by $SPARSETRAIN_CIFAR10_SAMPLE
     assert (len(ds.train_y), len(ds.test_y)) == (5438, 1017)
     assert ds.input_shape == (3, 32, 32) and ds.train_x.dtype == torch.uint8
     assert torch.bincount(ds.test_y).min() > 80
+    monkeypatch.delenv(datasets.CIFAR10_SAMPLE_ENV)
+    for data_dir in (cifar10_sample.parent, cifar10_sample):  # its folder, or the file itself
+        assert torch.equal(load_dataset("cifar10-sample", data_dir).test_y, ds.test_y)
+
+
+def test_cifar10_sample_is_looked_for_only_where_told(tmp_path, monkeypatch):
+    monkeypatch.delenv(datasets.CIFAR10_SAMPLE_ENV, raising=False)
+    with pytest.raises(DataFileError, match=r"needs the file cifar10_sample.npz: pass its folder "
+                                            r"as --data-dir, or set \$SPARSETRAIN_CIFAR10_SAMPLE"):
+        load_dataset("cifar10-sample")
+    monkeypatch.setenv(datasets.CIFAR10_SAMPLE_ENV, str(tmp_path / "missing.npz"))
+    with pytest.raises(DataFileError, match=r"not found in .*missing.npz; pass its folder"):
+        load_dataset("cifar10-sample", tmp_path)
 
 
 def test_cifar10_sample_checksum(tmp_path):

@@ -57,6 +57,10 @@ def test_missing_file(tmp_path):
     ({"t_end": 1.5}, "t_end"),
     ({"device": "tpu"}, "device"),
     ({"model": None}, "model"),
+    ({"lr_step_epochs": 0}, "lr_step_epochs must be a positive integer"),
+    ({"momentum": -0.5}, "momentum must be >= 0"),
+    ({"prune_iterations": 0}, "prune_iterations"),
+    ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
 ])
 def test_bad_values(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -79,7 +79,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         try:
             trainer = Trainer(config(**overrides), root / folder, resume=resume, log=quiet)
             if sabotage and rank == 1:  # this replica grows elsewhere: masks diverge
-                trainer.sparsifier.generator.manual_seed(12345)
+                trainer.sparsifier.seed = 12345
 
             def stop(t, stop_at=stop_at):
                 if stop_at is not None and t.state.step == stop_at:

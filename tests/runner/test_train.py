@@ -7,7 +7,9 @@ import signal
 import pytest
 import torch
 
+import sparsetrain as st
 from sparsetrain.runner import ConfigError, Trainer, TrainingError, make_config
+from sparsetrain.runner.config import PRUNE_AT_INIT_METHODS
 
 SYNTHETIC = {"n_train": 200, "n_test": 50, "input_shape": [1, 8, 8], "num_classes": 4}
 
@@ -67,25 +69,20 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
     assert again.train()["steps"] == 21
 
 
-@pytest.mark.parametrize("method, stop_at", [
-    ("rigl", 10),      # mid-epoch, after the mask update of step 9
-    ("rigl", 7),       # at an epoch end
-    ("snfs", 11),
-    ("set", 5),
-    ("gmp", 12),
-    ("static", 3),
-    ("snip", 9),
-    ("dense", 16),
-])
-def test_interrupted_and_resumed_equals_straight_through(tmp_path, method, stop_at):
-    check_resume(tmp_path, stop_at, method=method)
+# Every registered method on every backend it runs on, stopped at step 10 (mid-epoch, right
+# after the update of step 9), plus the cases that need a stop of their own: an epoch end, a
+# run pruned at initialisation by each method, on each backend, and a dense one.
+RESUME_CASES = ([(m, b, 10) for m, b in st.supported_pairs()]
+                + [("rigl", "masked", 7)]  # at an epoch end
+                + [(m, b, 9) for m in PRUNE_AT_INIT_METHODS
+                   for b in st.available_backends()]
+                + [("dense", "masked", 16)])
 
 
 @pytest.mark.filterwarnings("ignore:backend='csr'.*no active weight")  # SNIP empties some units
-@pytest.mark.parametrize("method, stop_at", [("rigl", 10), ("set", 5), ("static", 3),
-                                             ("snip", 9)])
-def test_resume_on_the_csr_backend(tmp_path, method, stop_at):
-    check_resume(tmp_path, stop_at, method=method, backend="csr")
+@pytest.mark.parametrize("method, backend, stop_at", RESUME_CASES)
+def test_interrupted_and_resumed_equals_straight_through(tmp_path, method, backend, stop_at):
+    check_resume(tmp_path, stop_at, method=method, backend=backend)
 
 
 def check_resume(tmp_path, stop_at, **overrides):
@@ -216,8 +213,9 @@ def test_flops_and_ever_active_in_the_summary(tmp_path):
 
 
 def test_csr_backend_run_costs_what_the_masked_one_does(tmp_path):
-    """Same layer densities on both backends: the same FLOPs; the CSR run really holds CSR
-    layers, and settings that cannot work on it are refused up front."""
+    """Same seed, same run on both backends: the same masks, FLOPs and (within float32 noise)
+    accuracy; the CSR run really holds CSR layers, and settings that cannot work on it are
+    refused up front."""
     masked = Trainer(config(), tmp_path / "m", log=quiet)
     summary_m = masked.train()
     csr = Trainer(config(backend="csr"), tmp_path / "c", log=quiet)
@@ -227,7 +225,9 @@ def test_csr_backend_run_costs_what_the_masked_one_does(tmp_path):
     assert any(isinstance(m, CSRLinear) for m in csr.model.modules())
     for key in ("inference_flops", "train_flops", "density"):
         assert summary_c[key] == pytest.approx(summary_m[key], rel=1e-9), key
-    assert summary_c["test_accuracy"] > 0.25
+    assert summary_c["test_accuracy"] == pytest.approx(summary_m["test_accuracy"], abs=0.02)
+    assert summary_c["ever_active_fraction"] == summary_m["ever_active_fraction"]
+    assert torch.equal(csr.sparsifier.mask_fingerprint(), masked.sparsifier.mask_fingerprint())
     with pytest.raises(ConfigError, match="backend 'csr' holds sparse weights"):
         config(method="dense", backend="csr")
     with pytest.raises(ConfigError, match="backend must be"):

@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | `fashion-mnist`, `mnist` | official IDX files | `data_dir`, Debian's `/usr/share/datasets/fashion-mnist/` (Fashion-MNIST), the cache `~/.cache/sparsetrain/<name>`, then downloaded (checksums verified) |
 | `cifar10`, `cifar100` | official python batches (`cifar-10-batches-py/`, `cifar-100-python/`) | `data_dir` (the folder itself or its parent) |
-| `cifar10-sample` | 5,438 + 1,017 real CIFAR-10 images (`cifar10_sample.npz`) | `data_dir`, `$SPARSETRAIN_CIFAR10_SAMPLE`, `../shared/data/` beside the checkout |
+| `cifar10-sample` | 5,438 + 1,017 real CIFAR-10 images (`cifar10_sample.npz`) | `data_dir` (the file or its folder), else the file named by `$SPARSETRAIN_CIFAR10_SAMPLE` |
 | `digits` | scikit-learn's 8x8 digits (1,797 images) | scikit-learn, if installed |
 | `synthetic` | seeded random tensors with a class signal, any shape | generated |
 
@@ -30,7 +30,8 @@ from .idx import DataFileError, read_idx
 
 CACHE = Path(os.environ.get("SPARSETRAIN_CACHE", Path.home() / ".cache" / "sparsetrain"))
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-_REPO_SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+#: The environment variable naming the CIFAR-10 sample file when ``data_dir`` does not hold it.
+CIFAR10_SAMPLE_ENV = "SPARSETRAIN_CIFAR10_SAMPLE"
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -287,16 +288,21 @@ def _load_cifar(name: str, data_dir: Path | None) -> Dataset:
 
 
 def _load_cifar10_sample(data_dir: Path | None) -> Dataset:
+    """The sample from ``data_dir`` (the file, or a folder holding ``cifar10_sample.npz``), else
+    from the file named by ``$SPARSETRAIN_CIFAR10_SAMPLE``; nothing else is searched."""
     candidates = []
     if data_dir is not None:
         candidates += [data_dir, data_dir / "cifar10_sample.npz"]
-    if os.environ.get("SPARSETRAIN_CIFAR10_SAMPLE"):
-        candidates.append(Path(os.environ["SPARSETRAIN_CIFAR10_SAMPLE"]))
-    candidates.append(_REPO_SHARED / "cifar10_sample.npz")
+    if os.environ.get(CIFAR10_SAMPLE_ENV):
+        candidates.append(Path(os.environ[CIFAR10_SAMPLE_ENV]))
+    if not candidates:
+        raise DataFileError(f"cifar10-sample needs the file cifar10_sample.npz: pass its folder "
+                            f"as --data-dir, or set ${CIFAR10_SAMPLE_ENV} to its path")
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         raise DataFileError(f"cifar10_sample.npz not found in {', '.join(map(str, candidates))}; "
-                            "pass its folder as --data-dir")
+                            f"pass its folder as --data-dir, or set ${CIFAR10_SAMPLE_ENV} to its "
+                            "path")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != CIFAR10_SAMPLE_SHA256:
         raise DataFileError(f"{path} has SHA-256 {digest}, not the published "

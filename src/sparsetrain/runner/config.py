@@ -11,11 +11,14 @@ import hashlib
 import difflib
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from .. import checks
 
 
 class ConfigError(ValueError):
@@ -26,6 +29,8 @@ class ConfigError(ValueError):
 PRUNE_AT_INIT_METHODS = ("snip", "grasp", "synflow")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "multistep", "constant")
+PRUNE_SCOPES = ("global", "layer")
+BACKENDS = ("masked", "csr")
 
 
 @dataclass
@@ -220,39 +225,55 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+@contextmanager
+def _as_config_error():
+    """The ``ValueError`` of a check (``sparsetrain.checks``) raised as a ``ConfigError``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def check(config: TrainConfig) -> None:
     """Raise ``ConfigError`` for settings that cannot work (names are checked when used)."""
-    _require(config.model is not None, "no model given: pass --model (e.g. --model lenet300)")
-    _require(config.data is not None, "no data set given: pass --data (e.g. --data fashion-mnist)")
-    _require(0.0 < config.density <= 1.0,
-             f"density must be in (0, 1] (the fraction of weights kept), got {config.density}")
-    _require(config.width > 0, f"width must be positive, got {config.width}")
-    _require(config.epochs > 0, f"epochs must be a positive integer, got {config.epochs}")
-    _require(config.batch_size > 0, f"batch_size must be positive, got {config.batch_size}")
-    _require(config.lr > 0, f"lr must be positive, got {config.lr}")
-    _require(config.delta_t > 0, f"delta_t must be positive, got {config.delta_t}")
-    _require(0.0 < config.t_end <= 1.0,
-             f"t_end is the fraction of training after which the mask stops changing, in (0, 1]; "
-             f"got {config.t_end}")
-    _require(config.optimizer in OPTIMIZERS,
-             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
-    _require(config.lr_schedule in LR_SCHEDULES,
-             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
-    _require(config.warmup_epochs >= 0, "warmup_epochs must not be negative")
-    _require(0.0 <= config.label_smoothing < 1.0, "label_smoothing must be in [0, 1)")
-    _require(config.prune_scope in ("global", "layer"),
-             f"prune_scope must be 'global' or 'layer', got {config.prune_scope!r}")
-    _require(config.prune_batches > 0, "prune_batches must be positive")
-    _require(config.checkpoint_every >= 0, "checkpoint_every must not be negative (0: per epoch)")
-    _require(config.log_every > 0, "log_every must be positive")
-    _require(config.train_size is None or config.train_size > 0, "train_size must be positive")
-    _require(config.backend in ("masked", "csr"),
-             f"backend must be 'masked' or 'csr', got {config.backend!r}")
-    _require(config.backend == "masked" or config.method not in ("dense", "small-dense"),
-             f"backend 'csr' holds sparse weights; method {config.method!r} has none: use "
+    c = config
+    _require(c.model is not None, "no model given: pass --model (e.g. --model lenet300)")
+    _require(c.data is not None, "no data set given: pass --data (e.g. --data fashion-mnist)")
+    with _as_config_error():
+        checks.fraction(c.density, "density", meaning="the fraction of weights kept")
+        checks.positive_real(c.width, "width", fix="width multiplies every hidden layer; 1 is "
+                             "the model's own size")
+        checks.positive_int(c.epochs, "epochs")
+        checks.positive_int(c.batch_size, "batch_size")
+        checks.positive_real(c.lr, "lr")
+        checks.real_in_range(c.momentum, "momentum", 0.0)
+        checks.real_in_range(c.weight_decay, "weight_decay", 0.0)
+        checks.positive_real(c.lr_gamma, "lr_gamma")
+        checks.positive_int(c.lr_step_epochs, "lr_step_epochs")
+        checks.positive_int(c.delta_t, "delta_t")
+        checks.fraction(c.t_end, "t_end", meaning="the fraction of training after which the "
+                        "mask stops changing")
+        checks.choice(c.optimizer, "optimizer", OPTIMIZERS)
+        checks.choice(c.lr_schedule, "lr_schedule", LR_SCHEDULES)
+        checks.real_in_range(c.warmup_epochs, "warmup_epochs", 0.0)
+        checks.real_in_range(c.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+        checks.choice(c.prune_scope, "prune_scope", PRUNE_SCOPES)
+        if c.prune_iterations is not None:
+            checks.positive_int(c.prune_iterations, "prune_iterations")
+        checks.positive_int(c.prune_batches, "prune_batches")
+        checks.non_negative_int(c.checkpoint_every, "checkpoint_every",
+                                fix="0 writes checkpoints at epoch ends only")
+        checks.positive_int(c.log_every, "log_every")
+        if c.train_size is not None:
+            checks.positive_int(c.train_size, "train_size")
+        checks.choice(c.backend, "backend", BACKENDS)
+    _require(c.backend == "masked" or c.method not in ("dense", "small-dense"),
+             f"backend 'csr' holds sparse weights; method {c.method!r} has none: use "
              "--backend masked")
-    _require(config.device in ("auto", "cpu") or config.device.startswith("cuda"),
-             f"device must be 'auto', 'cpu' or 'cuda[:N]', got {config.device!r}")
+    _require(c.device in ("auto", "cpu") or c.device.startswith("cuda"),
+             f"device must be 'auto', 'cpu' or 'cuda[:N]', got {c.device!r}")
 
 
 def save_yaml(config: TrainConfig, path: Path) -> None:

@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from .. import collectives
+
 #: How long a collective may wait for the other processes before failing (a crashed rank).
 TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -47,7 +49,6 @@ class Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             use_cuda = device.startswith("cuda") or (device == "auto"
@@ -67,37 +68,17 @@ class Distributed:
         """This process's contiguous share of a batch of ``n`` examples."""
         return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
 
-    def _device(self) -> torch.device:
-        """Where collectives run: the process's GPU for NCCL, the CPU for gloo."""
-        if dist.get_backend() == "nccl":
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
-
     def sum(self, values: Sequence[float]) -> list[float]:
         """``values`` summed over the processes (float64)."""
-        if not self.active:
-            return [float(v) for v in values]
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._device())
-        dist.all_reduce(t)
-        return t.cpu().tolist()
+        return collectives.all_sum(torch.tensor(list(values), dtype=torch.float64)).tolist()
 
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every process's ``tensor`` (the same shape on all), on the CPU."""
-        if not self.active:
-            return [tensor.cpu()]
-        tensor = tensor.to(self._device())
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        dist.all_gather(parts, tensor)
-        return [p.cpu() for p in parts]
+        return [p.cpu() for p in collectives.all_gather(tensor)]
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``tensor`` on every process (same shape and dtype everywhere)."""
-        if not self.active:
-            return tensor
-        work = tensor.to(self._device(),
-                         dtype=torch.uint8 if tensor.dtype == torch.bool else tensor.dtype)
-        dist.broadcast(work, 0)
-        return work.to(tensor.device, dtype=tensor.dtype)
+        return collectives.broadcast(tensor)
 
     def barrier(self) -> None:
         if self.active:

@@ -10,12 +10,13 @@ of weights ever active during training.
 from __future__ import annotations
 
 import html
-import json
 import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
+
+from .folder import SUMMARY, find_run_folders, is_run_folder, read_metrics, read_summary
 
 METHOD_ORDER = ["dense", "small-dense", "static", "snip", "grasp", "synflow", "set", "snfs",
                 "rigl", "gmp"]
@@ -30,26 +31,13 @@ def collect_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Every run under ``paths``: ``{"folder", "summary" (None if unfinished), "evals"}``."""
     folders: list[Path] = []
     for path in map(Path, paths):
-        if (path / "summary.json").is_file() or (path / "config.yaml").is_file():
+        if is_run_folder(path):
             folders.append(path)
         elif path.is_dir():
-            folders += sorted({p.parent for p in path.rglob("config.yaml")})
-    runs = []
-    for folder in dict.fromkeys(folders):
-        summary = None
-        if (folder / "summary.json").is_file():
-            summary = json.loads((folder / "summary.json").read_text())
-        evals = []
-        if (folder / "metrics.jsonl").is_file():
-            for line in (folder / "metrics.jsonl").read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("kind") == "eval":
-                    evals.append(record)
-        runs.append({"folder": folder, "summary": summary, "evals": evals})
-    return runs
+            folders += find_run_folders(path)
+    return [{"folder": run, "summary": read_summary(run),
+             "evals": [r for r in read_metrics(run) if r.get("kind") == "eval"]}
+            for run in dict.fromkeys(folders)]
 
 
 def _key(summary: dict[str, Any]) -> tuple[str, str, str, float]:
@@ -256,7 +244,7 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path, *,
     runs = collect_runs(paths)
     finished = [r for r in runs if r["summary"] is not None]
     if not finished:
-        raise ValueError("no finished runs (folders with a summary.json) in the given paths")
+        raise ValueError(f"no finished runs (folders with a {SUMMARY}) in the given paths")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarise(runs)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from .config import ConfigError, TrainConfig, make_config, normalise_key, unknown_key_error
+from .folder import TRAIN_LOG, has_checkpoint, is_finished
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The README's main job: about 6 minutes on 2 CPU cores.
@@ -93,16 +94,14 @@ def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Any]) -> list[TrainC
 def _run_cell(settings: dict[str, Any], out: str, threads: int | None) -> dict[str, Any]:
     import torch
 
-    from .train import CHECKPOINT, Trainer
+    from .train import Trainer
 
     if threads:
         torch.set_num_threads(threads)
-    folder = Path(out)
-    log_path = folder / "train.log"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
-        trainer = Trainer(make_config(settings), folder,
-                          resume=(folder / CHECKPOINT).exists(),
+    run = Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / TRAIN_LOG, "a") as log:
+        trainer = Trainer(make_config(settings), run, resume=has_checkpoint(run),
                           log=lambda m: print(m, file=log, flush=True))
         summary = trainer.train()
     if summary is None:
@@ -116,7 +115,7 @@ def run_sweep(cells: list[TrainConfig], out_dir: str | Path, *, jobs: int = 1,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folders = [out_dir / c.run_name() for c in cells]
-    todo = [(c, f) for c, f in zip(cells, folders) if not (f / "summary.json").exists()]
+    todo = [(c, f) for c, f in zip(cells, folders) if not is_finished(f)]
     log(f"sweep: {len(cells)} runs, {len(cells) - len(todo)} already finished, "
         f"{len(todo)} to train, {jobs} at a time; folder {out_dir}")
     if not todo:

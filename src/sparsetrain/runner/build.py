@@ -1,0 +1,211 @@
+"""Building a run from its settings: device, data, model, optimizer, sparsifier.
+
+``build_run`` does it in a fixed order, because the order is part of the run: the global torch
+RNG is seeded with ``config.seed`` right before the model is built (after the small-dense width
+search, which builds models of its own), the dense FLOPs reference is measured before the
+sparsifier is made (on the CSR backend the sparsifier replaces the dense layers), and under
+torch.distributed the model is wrapped by DDP last and every process's RNG reseeded by rank.
+Building the same settings twice gives the same run, bit for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..data import Dataset, load_dataset
+from ..flops import flops
+from ..methods import get_method, make_sparsifier
+from ..methods.dst import Static
+from ..models import build_model
+from ..pruning import prune_at_init, small_dense_width
+from ..sparsity.targets import partition
+from . import folder
+from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig
+from .data_order import epoch_order
+from .distributed import Distributed
+
+SMALL_DENSE = "small-dense"
+Log = Callable[[str], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when torch sees a device, else the CPU; a CUDA device that is not there
+    is a ``ConfigError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device here; "
+                          "use --device cpu")
+    return device
+
+
+def check_method(method: str) -> None:
+    """``ConfigError`` unless ``method`` is a registered method, dense, small-dense or pruning
+    at initialisation."""
+    if method in ("dense", SMALL_DENSE) or method in PRUNE_AT_INIT_METHODS:
+        return
+    try:
+        get_method(method)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; or 'dense', 'small-dense', or pruning at initialisation: "
+                          f"{', '.join(PRUNE_AT_INIT_METHODS)}") from None
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of the settings over all of ``model``'s parameters."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0,
+                               weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_network(config: TrainConfig, data: Dataset, width: float) -> nn.Module:
+    """The settings' model for ``data`` at ``width`` (initialised from the global RNG)."""
+    return build_model(config.model, num_classes=data.num_classes,
+                       input_shape=tuple(data.input_shape), width=width)
+
+
+def small_dense(config: TrainConfig, data: Dataset, log: Log) -> float:
+    """The width at which the dense model has as many weights as the sparse one keeps."""
+    c = config
+    sparse, dense = partition(build_network(c, data, c.width), list(c.dense_layers))
+    target = round(c.density * sum(t.numel for t in sparse)) + sum(t.numel for t in dense)
+    result = small_dense_width(lambda w: build_network(c, data, w), target,
+                               low=0.01 * c.width, high=c.width)
+    log(f"small-dense: width {result.width:.4g} has {result.params} sparsifiable "
+        f"weights (the sparse model keeps {target})")
+    return result.width
+
+
+@dataclass
+class Run:
+    """Everything ``build_run`` makes; ``net`` is what the training steps run (the model, or
+    its DDP wrapper); ``checkpoint`` is the loaded checkpoint when resuming, else ``None``."""
+
+    device: torch.device
+    data: Dataset
+    n_train: int
+    steps_per_epoch: int
+    total_steps: int
+    width: float
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    checkpoint: dict[str, Any] | None
+    example: torch.Tensor
+    dense_flops: float
+    sparsifier: Any | None
+    net: nn.Module
+
+
+def build_run(config: TrainConfig, dist: Distributed, log: Log,
+              resume_from: Path | None = None) -> Run:
+    """Build the run of ``config`` on this process; with ``resume_from``, load that folder's
+    checkpoint (checked against ``config``) and take a pruned run's masks from it. Raises
+    ``ConfigError`` for settings that cannot work here."""
+    c = config
+    check_method(c.method)
+    device = dist.device(resolve_device(c.device))
+    if c.batch_size < dist.world:
+        raise ConfigError(f"batch_size {c.batch_size} is the total batch over all "
+                          f"{dist.world} processes, so it must be at least that")
+    data = load_dataset(c.data, c.data_dir, **c.data_options)
+    n_train = len(data.train_y) if c.train_size is None else min(len(data.train_y), c.train_size)
+    steps_per_epoch = math.ceil(n_train / c.batch_size)
+    total_steps = steps_per_epoch * c.epochs
+    width = small_dense(c, data, log) if c.method == SMALL_DENSE else c.width
+    torch.manual_seed(c.seed)
+    model = build_network(c, data, width).to(device)
+    optimizer = make_optimizer(c, model)
+    checkpoint = folder.load_checkpoint(resume_from, c) if resume_from is not None else None
+    example = data.prepare(data.train_x[:1], train=False).to(device)
+    reference = model if c.method != SMALL_DENSE else build_network(c, data, c.width)
+    dense_flops = flops(reference.to(device), example).total
+    if c.method in ("dense", SMALL_DENSE):
+        sparsifier = None
+    elif c.method in PRUNE_AT_INIT_METHODS:
+        # on resume the checkpoint holds the masks (their per-layer counts are the pruning's,
+        # which a CSR layer must have before the weights are loaded)
+        masks = (_pruned_masks(c, model, data, n_train, steps_per_epoch, device, dist, log)
+                 if checkpoint is None
+                 else saved_active_sets(checkpoint.get("sparsifier")))
+        sparsifier = Static(model, optimizer, distribution=c.distribution, masks=masks,
+                            **_common_options(c, total_steps))
+    else:
+        sparsifier = _registered_sparsifier(c, model, optimizer, total_steps)
+    net = model
+    if dist.active:
+        # after the sparsifier: it names weights as the model does, and the CSR backend
+        # replaces layers, which DDP must see in their final form
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
+        torch.manual_seed(c.seed * 1000 + dist.rank)  # dropout differs per rank
+    return Run(device, data, n_train, steps_per_epoch, total_steps, width, model, optimizer,
+               checkpoint, example, dense_flops, sparsifier, net)
+
+
+def _common_options(c: TrainConfig, total_steps: int) -> dict[str, Any]:
+    return dict(density=c.density, total_steps=total_steps, dense_layers=list(c.dense_layers),
+                seed=c.seed, backend=c.backend)
+
+
+def saved_active_sets(state: Any) -> dict[str, torch.Tensor] | None:
+    """The active sets of a saved sparsifier state, for ``masks=`` (sorted positions, or the
+    bool masks of states saved before positions were); ``None`` when it has neither, and the
+    sparsifier then reports what is wrong when it loads the state."""
+    if not isinstance(state, dict):
+        return None
+    saved = {**dict(state.get("masks") or {}), **dict(state.get("positions") or {})}
+    return saved or None
+
+
+def _registered_sparsifier(c: TrainConfig, model: nn.Module, optimizer, total_steps: int):
+    # the schedule settings every method may take; each gets those its constructor names
+    schedule = dict(distribution=c.distribution, delta_t=c.delta_t, alpha=c.alpha,
+                    drop_fraction_decay=c.drop_fraction_decay,
+                    t_end=max(1, int(c.t_end * total_steps)))
+    accepted = inspect.signature(get_method(c.method).__init__).parameters
+    options: dict[str, Any] = {k: v for k, v in schedule.items() if k in accepted}
+    options.update(c.method_options)
+    try:
+        return make_sparsifier(c.method, model, optimizer, **_common_options(c, total_steps),
+                               **options)
+    except TypeError as exc:
+        raise ConfigError(f"method {c.method!r} does not take these method_options: "
+                          f"{exc}") from None
+
+
+def _pruned_masks(c: TrainConfig, model: nn.Module, data: Dataset, n_train: int,
+                  steps_per_epoch: int, device: torch.device, dist: Distributed,
+                  log: Log) -> dict[str, torch.Tensor]:
+    """Prune at initialisation on the first ``prune_batches`` batches of the seed's order for
+    epoch -1; rank 0's masks on every process."""
+    order = epoch_order(n_train, c.seed, -1)
+    batches = []
+    for i in range(min(c.prune_batches, steps_per_epoch)):
+        idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+        x = data.prepare(data.train_x[idx], train=False)
+        batches.append((x.to(device), data.train_y[idx].to(device)))
+    iterations = c.prune_iterations or (100 if c.method == "synflow" else 1)
+    start = time.perf_counter()
+    masks = prune_at_init(
+        model, c.method, c.density, data=batches, scope=c.prune_scope, iterations=iterations,
+        distribution=c.distribution if c.prune_scope == "layer" else None,
+        dense_layers=list(c.dense_layers), seed=c.seed,
+    )
+    log(f"{c.method}: pruned at initialisation to density {c.density} "
+        f"({iterations} round(s), {time.perf_counter() - start:.1f} s)")
+    # every rank scored the same batches; rank 0's masks are the run's all the same
+    return {n: dist.broadcast(m) for n, m in masks.items()}

@@ -1,0 +1,75 @@
+"""What a run measures of its model: test loss and accuracy, densities, FLOPs, exploration.
+
+``sparsifier`` is ``None`` for runs without one (dense and small-dense training), whose
+sparsifiable weights all count as active.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Dataset
+from ..flops import dense_training_flops, flops
+from ..sparsity.targets import find_targets
+from .distributed import Distributed
+
+EVAL_BATCH = 1000
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, dist: Distributed,
+             device: torch.device) -> tuple[float, float]:
+    """Test loss and accuracy over the whole test set, in eval mode (train mode after). Each
+    process evaluates its share; the sums are added over the processes."""
+    model.eval()
+    n = len(data.test_y)
+    share = dist.share(n)
+    correct, loss_sum = 0, 0.0
+    for i in range(share.start, share.stop, EVAL_BATCH):
+        j = min(i + EVAL_BATCH, share.stop)
+        x = data.prepare(data.test_x[i:j], train=False).to(device)
+        y = data.test_y[i:j].to(device)
+        out = model(x)
+        loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    model.train()
+    loss_sum, correct = dist.sum([loss_sum, correct])
+    return loss_sum / n, correct / n
+
+
+def layer_densities(model: nn.Module, sparsifier: Any | None) -> dict[str, float]:
+    """The density of every sparsifiable weight by name."""
+    if sparsifier is None:
+        return {t.name: 1.0 for t in find_targets(model)}
+    return sparsifier.layer_densities()
+
+
+def density(model: nn.Module, sparsifier: Any | None) -> float:
+    """Fraction of the sparsifiable weights that are active (dense layers count fully)."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    if sparsifier is not None:  # the CSR backend's weights have no dense parameter
+        sizes.update({n: sparsifier.numel(n) for n in sparsifier.names})
+    densities = layer_densities(model, sparsifier)
+    total = sum(sizes[n] for n in densities)
+    return sum(d * sizes[n] for n, d in densities.items()) / total
+
+
+def inference_flops(model: nn.Module, example: torch.Tensor, sparsifier: Any | None) -> float:
+    """FLOPs of the forward pass of one ``example`` with the current active sets."""
+    return flops(model, example, {} if sparsifier is None else sparsifier.active_counts()).total
+
+
+def step_training_flops(sparsifier: Any | None, dense_flops: float, sparse_flops: float) -> float:
+    """Training FLOPs per example of one step (RigL paper, Appendix H): the method's own rule,
+    with ``sparse_flops`` the forward cost with the active sets of the moment."""
+    if sparsifier is None:
+        return dense_training_flops(sparse_flops)
+    return sparsifier.training_flops_per_example(dense_flops, sparse_flops)
+
+
+def ever_active_fraction(sparsifier: Any | None) -> float:
+    """Fraction of the sparsified weights that have been active at some point."""
+    return 1.0 if sparsifier is None else sparsifier.ever_active_fraction()
