@@ -25,16 +25,14 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
-from _common import write_result
+from _common import AnonymousPeak, rss_mb, write_result
 from torch import nn
 
 import sparsetrain as st
@@ -74,45 +72,6 @@ def step(model, opt, sp, x, y) -> float:
     return time.perf_counter() - start
 
 
-class AnonymousPeak:
-    """Peak anonymous resident memory (RssAnon: the process's own data, not the library code
-    that touching new torch functions pages in), sampled every millisecond in a thread."""
-
-    def __init__(self):
-        self.peak = self.base = self.now()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def now() -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.001)
-
-    def stop(self) -> float:
-        """MB above the level when sampling began."""
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
-        return self.peak - self.base
-
-
-def rss_mb() -> float:
-    """Peak resident memory of this process in MB (VmHWM: unlike ru_maxrss it is not
-    inherited from the parent process across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(config: dict) -> dict:
     """Run one configuration alone and report its step times and peak memory."""
     compiled_kernels()
@@ -142,8 +101,8 @@ def child(config: dict) -> dict:
               "times": times,
               "update_steps": update_steps}
     if sp is not None:
-        result["nnz"] = sum(sp.backend.n_active(n) for n in sp.backend.names)
-        result["connections"] = sum(sp.backend.numel(n) for n in sp.backend.names)
+        result["nnz"] = sum(sp.active_counts().values())
+        result["connections"] = sum(sp.numel(n) for n in sp.names)
         result["layer_densities"] = sp.layer_densities()
     return result
 

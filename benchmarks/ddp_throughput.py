@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import torch
 from _common import write_result
+
+from sparsetrain.runner.folder import read_summary
 
 CASES = {
     "lenet300 on fashion-mnist": ["--model", "lenet300", "--data", "fashion-mnist"],
@@ -39,7 +40,7 @@ def run(case: list[str], nproc: int, args, folder: Path) -> float:
                "--out", str(folder), "--nproc", str(nproc)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // nproc)))
     subprocess.run(command, check=True, env=env, capture_output=True, text=True)
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = read_summary(folder)
     return summary["steps"] * args.batch / summary["wall_time_s"]
 
 

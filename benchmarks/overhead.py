@@ -1,6 +1,13 @@
-"""Wall time per training step of each sparse training method, relative to dense training.
+"""Cost of sparse training on the masked backend, relative to dense training in the same run.
 
-LeNet-5 on random 28x28 batches, SGD (lr 0.01, momentum 0.9, weight decay 5e-4). The dense
+Two parts. ``lenet5``: every method's step time on a small model. ``mlp``: RigL on a model
+whose weights dominate, an MLP 4096-4096-4096-10 at batch 256 (SGD with momentum 0.9, density
+0.05, ERK, ``delta_t=100``): the steady step against dense, the update step against a steady
+step, and the peak memory against dense (each configuration alone in a child process, through
+an update; anonymous resident memory above what the process held before building the model).
+In the MLP part dense and RigL steps alternate, so that a change of load hits both alike.
+
+LeNet-5 part: LeNet-5 on random 28x28 batches, SGD (lr 0.01, momentum 0.9, weight decay 5e-4). The dense
 baseline calls ``optimizer.step()``; every registered method calls ``sparsifier.step()`` with
 ``total_steps = --steps``, so the timed run includes the topology updates of the schedule
 (with the defaults at steps 100, 200 and 300; ``t_end = 0.75 * steps``; gradual magnitude
@@ -17,8 +24,8 @@ summed. The table gives the median over repeats of the time per step and the med
 per-repeat ratios method / dense, and how many of the scheduled topology updates changed a
 mask (with the cosine decay the drop fraction is 0 at ``t_end``, so the update there is empty).
 
-    .venv/bin/python benchmarks/overhead.py            # defaults: 400 steps, 3 repeats
-    .venv/bin/python benchmarks/overhead.py --steps 800 --repeats 5 --threads 1
+    .venv/bin/python benchmarks/overhead.py            # both parts (about 6 minutes)
+    .venv/bin/python benchmarks/overhead.py --parts lenet5 --steps 800 --repeats 5
 """
 
 from __future__ import annotations
@@ -26,13 +33,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import json
+import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import AnonymousPeak
 from torch import nn
 
 import sparsetrain as st
@@ -148,6 +159,106 @@ def warm_up(batches, args) -> None:
             stepper.step()
 
 
+MLP_WIDTHS = (4096, 4096, 4096, 10)
+
+
+def mlp(widths) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+def mlp_run(config: dict):
+    """(model, optimizer, sparsifier or None, batch) of the MLP part."""
+    torch.manual_seed(0)
+    model = mlp(config["widths"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sp = None
+    if config["method"] != "dense":
+        sp = st.make_sparsifier(config["method"], model, opt, density=config["density"],
+                                total_steps=config["total_steps"], delta_t=config["delta_t"])
+    x = torch.randn(config["batch"], config["widths"][0])
+    y = torch.randint(0, config["widths"][-1], (config["batch"],))
+    return model, opt, sp, (x, y)
+
+
+def timed_step(model, opt, sp, batch) -> float:
+    start = time.perf_counter()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    (sp or opt).step()
+    return time.perf_counter() - start
+
+
+def memory_child(config: dict) -> dict:
+    """Peak memory of one configuration, through ``config["steps"]`` steps."""
+    warm = mlp_run({**config, "widths": (64, 64, 4), "batch": 8})  # first-use allocations
+    for _ in range(3):
+        timed_step(*warm)
+    del warm
+    gc.collect()
+    anon = AnonymousPeak()
+    run = mlp_run(config)
+    for _ in range(config["steps"]):
+        timed_step(*run)
+    updates = 0 if run[2] is None else sum(run[2].is_update_step(t)
+                                           for t in range(1, config["steps"] + 1))
+    return {"peak_mb": anon.stop(), "updates": updates}
+
+
+def peak_memory(config: dict) -> dict:
+    # a fixed mmap threshold: freed blocks go back to the system at once, so the resident
+    # figure measures live memory and not what glibc's heap keeps after temporaries are freed
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(config)],
+                         capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mlp_part(args) -> list[str]:
+    """Steady step, update step and peak memory of RigL (masked) against dense on the MLP."""
+    base = {"widths": tuple(args.mlp_widths), "batch": args.mlp_batch, "density": 0.05,
+            "delta_t": args.mlp_delta_t, "total_steps": 10 * args.mlp_delta_t}
+    dense, rigl = mlp_run({**base, "method": "dense"}), mlp_run({**base, "method": "rigl"})
+    for _ in range(2):
+        timed_step(*dense)
+    # rigl's first update falls at delta_t: step on to just past the second, dense alongside
+    dense_t, steady_t, update_t = [], [], []
+    while rigl[2].step_count < 2 * args.mlp_delta_t + 3:
+        dense_t.append(timed_step(*dense))
+        update = rigl[2].is_update_step(rigl[2].step_count + 1)
+        (update_t if update else steady_t).append(timed_step(*rigl))
+    dense_ms = 1000 * statistics.median(dense_t)
+    steady_ms = 1000 * statistics.median(steady_t)
+    update_ms = 1000 * statistics.median(update_t)
+    memory = {m: peak_memory({**base, "method": m, "delta_t": 3, "steps": 5})
+              for m in ("dense", "rigl")}
+    ratio = memory["rigl"]["peak_mb"] / memory["dense"]["peak_mb"]
+    widths = "-".join(map(str, base["widths"]))
+    print(f"MLP: dense {dense_ms:.0f} ms, RigL steady {steady_ms:.0f} ms, update "
+          f"{update_ms:.0f} ms, memory {ratio:.2f}x", file=sys.stderr)
+    return [
+        f"MLP {widths}, batch {base['batch']}, SGD momentum 0.9, RigL (masked) at density "
+        f"0.05, ERK, delta_t {base['delta_t']}; {len(dense_t)} dense and RigL steps "
+        f"alternating ({len(update_t)} of them RigL updates); medians. Peak memory: each "
+        "alone in a child process through 5 steps with an update (delta_t 3), anonymous "
+        "resident memory above the level before the model was built.",
+        "",
+        "| figure | RigL (masked) | dense | ratio | target |",
+        "|---|---:|---:|---:|---:|",
+        f"| steady step | {steady_ms:.1f} ms | {dense_ms:.1f} ms | {steady_ms / dense_ms:.3f}x "
+        "| <= 1.10x dense |",
+        f"| update step | {update_ms:.1f} ms | {steady_ms:.1f} ms (steady) | "
+        f"{update_ms / steady_ms:.2f}x | <= 3x a steady step |",
+        f"| peak memory | {memory['rigl']['peak_mb']:.0f} MB | "
+        f"{memory['dense']['peak_mb']:.0f} MB | {ratio:.3f}x | <= 1.3x dense |",
+        "",
+        "Steps (ms): dense " + ", ".join(f"{1000 * t:.0f}" for t in dense_t)
+        + "; RigL updates " + ", ".join(f"{1000 * t:.0f}" for t in update_t),
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="timed steps per run")
@@ -163,14 +274,40 @@ def main(argv=None) -> int:
     parser.add_argument("--interleave", choices=("step", "run"), default="step",
                         help="step: within a repeat, one step of each run in turn (default, the "
                         "most robust to drifting load); run: each whole run in turn")
+    parser.add_argument("--parts", nargs="+", choices=("lenet5", "mlp"),
+                        default=["lenet5", "mlp"])
+    parser.add_argument("--mlp-widths", type=int, nargs="+", default=list(MLP_WIDTHS))
+    parser.add_argument("--mlp-batch", type=int, default=256)
+    parser.add_argument("--mlp-delta-t", type=int, default=100)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.md"))
     args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
     if args.steps <= 0 or args.repeats <= 0 or args.batch_size <= 0:
         parser.error("--steps, --repeats and --batch-size must be positive")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    methods = args.methods or st.available_methods()
+    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    lines = ["# Cost of sparse training on the masked backend", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"{dt.datetime.now().astimezone().isoformat(timespec='seconds')}, command: "
+             f"`{command}`", ""]
+    if "mlp" in args.parts:
+        lines += ["## RigL on an MLP whose weights dominate", "", *mlp_part(args), ""]
+    if "lenet5" in args.parts:
+        lines += ["## Every method on LeNet-5", "", *lenet5_part(args), ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
 
+
+def lenet5_part(args) -> list[str]:
+    """Every method's step time on LeNet-5 against dense, interleaved."""
+    methods = args.methods or st.available_methods()
     batches = make_batches(args.batch_size)
     warm_up(batches, args)
 
@@ -185,19 +322,14 @@ def main(argv=None) -> int:
             ratios[name].append(last[name].ms / last["dense"].ms)
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
             f"{n} {last[n].ms:.3f}" for n in names) + " ms/step", file=sys.stderr, flush=True)
-
-    command = shlex.join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
-    header = (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{dt.datetime.now().astimezone().isoformat(timespec='seconds')}, command: `{command}`"
-    )
     setting = (
         f"LeNet-5, batch {args.batch_size}, {args.steps} timed steps per run, density "
         f"{args.density}, delta_t {args.delta_t}, {args.repeats} repeats, interleaved by "
         f"{args.interleave}; medians over repeats (ratio: median of the per-repeat ratios "
-        "method / dense)."
+        "method / dense; target for RigL: <= 1.05x)."
     )
     lines = [
+        setting, "",
         "| method | ms/step | ratio to dense | topology updates (changed masks of scheduled) |",
         "|---|---:|---:|---:|",
     ]
@@ -208,15 +340,9 @@ def main(argv=None) -> int:
         updates = "-" if name == "dense" else (
             f"{run.effective_updates} of {run.scheduled_updates}")
         lines.append(f"| {name} | {ms:.3f} | {ratio:.3f} | {updates} |")
-    raw = ["", "Per repeat (ms/step):", ""]
-    raw += [f"- {n}: " + ", ".join(f"{v:.3f}" for v in times[n]) for n in names]
-    table = "\n".join(lines)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(["# Per-step overhead of sparse training", "", header, "",
-                                   setting, "", table, *raw, ""]))
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    lines += ["", "Per repeat (ms/step):", ""]
+    lines += [f"- {n}: " + ", ".join(f"{v:.3f}" for v in times[n]) for n in names]
+    return lines
 
 
 if __name__ == "__main__":
