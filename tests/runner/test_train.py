@@ -70,10 +70,13 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
 
 
 # Every registered method on every backend it runs on, stopped at step 10 (mid-epoch, right
-# after the update of step 9), plus the cases that need a stop of their own: an epoch end, a
-# run pruned at initialisation by each method, on each backend, and a dense one.
+# after the update of step 9), plus the cases that need a stop of their own: an epoch end, the
+# step before an update, a run pruned at initialisation by each method on each backend, and a
+# dense run.
 RESUME_CASES = ([(m, b, 10) for m, b in st.supported_pairs()]
                 + [("rigl", "masked", 7)]  # at an epoch end
+                # one step before an update, whose grow step reads the gradient of the next step
+                + [("rigl", b, 11) for b in st.available_backends()]
                 + [(m, b, 9) for m in PRUNE_AT_INIT_METHODS
                    for b in st.available_backends()]
                 + [("dense", "masked", 16)])
