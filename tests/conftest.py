@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
+
+# Property-based tests (marked ``fuzz``) run a few dozen examples each in the default suite;
+# ``pytest -m fuzz --hypothesis-profile long`` runs them at length.
+settings.register_profile("default", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=3000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")
 
 
 class TinyCNN(nn.Module):
