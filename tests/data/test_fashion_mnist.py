@@ -42,7 +42,7 @@ def test_corrupt_files_get_clear_errors(tmp_path):
         read_idx(tmp_path / "bad")
     write_idx(tmp_path / "cut", np.zeros((4, 5)), compress=False)
     (tmp_path / "cut").write_bytes((tmp_path / "cut").read_bytes()[:-3])
-    with pytest.raises(DataFileError, match="truncated or corrupt"):
+    with pytest.raises(DataFileError, match="cut is truncated: it ends 17 bytes into its 4x5"):
         read_idx(tmp_path / "cut")
 
 

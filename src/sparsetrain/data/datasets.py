@@ -2,11 +2,17 @@
 
 | name | what | where it is looked up |
 | --- | --- | --- |
-| `fashion-mnist`, `mnist` | official IDX files | `data_dir`, Debian's `/usr/share/datasets/fashion-mnist/` (Fashion-MNIST), the cache `~/.cache/sparsetrain/<name>`, then downloaded (checksums verified) |
+| `fashion-mnist`, `mnist` | official IDX files | `data_dir` (or its subfolder `<name>`) alone when given; else Debian's `/usr/share/datasets/fashion-mnist/` (Fashion-MNIST), the cache `~/.cache/sparsetrain/<name>`, then downloaded (checksums verified) |
 | `cifar10`, `cifar100` | official python batches (`cifar-10-batches-py/`, `cifar-100-python/`) | `data_dir` (the folder itself or its parent) |
-| `cifar10-sample` | 5,438 + 1,017 real CIFAR-10 images (`cifar10_sample.npz`) | `data_dir` (the file or its folder), else the file named by `$SPARSETRAIN_CIFAR10_SAMPLE` |
+| `cifar10-sample` | 5,438 + 1,017 real CIFAR-10 images (`cifar10_sample.npz`) | `data_dir` (the file or its folder) alone when given, else the file named by `$SPARSETRAIN_CIFAR10_SAMPLE` |
 | `digits` | scikit-learn's 8x8 digits (1,797 images) | scikit-learn, if installed |
 | `synthetic` | seeded random tensors with a class signal, any shape | generated |
+
+A folder given as ``data_dir`` is the only place looked at: if it lacks a file, loading fails
+naming the folder and the file, never falling back to another copy. Every file is checked as it
+is read (type, size, shape, labels in range, train and test agreeing) and refused with a
+``DataFileError`` naming it; see ``idx`` and ``cifar`` for the bounds that keep a small corrupt or
+hostile file from costing more than the official files do.
 
 Images are kept compactly (uint8 where the source is) and turned into normalised float32 batch by
 batch by ``Dataset.prepare``, which also applies the standard augmentation of 32x32 images
@@ -17,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .cifar import read_batch
 from .idx import DataFileError, read_idx
 
 CACHE = Path(os.environ.get("SPARSETRAIN_CACHE", Path.home() / ".cache" / "sparsetrain"))
@@ -112,13 +118,31 @@ def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _make(name, train_x, train_y, test_x, test_y, num_classes, augment=False) -> Dataset:
-    train_y, test_y = (y.to(torch.int64) if torch.is_tensor(y)
-                       else torch.tensor(np.array(y), dtype=torch.int64) for y in (train_y, test_y))
-    for split, y in (("training", train_y), ("test", test_y)):
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+    """A ``Dataset`` after the checks every loader shares: integer labels in range, as many as
+    examples, at least one example, training and test examples of one shape. (The file
+    readers check the same, naming the file; these messages name the data set.)"""
+    ys = []
+    for split, x, y in (("training", train_x, train_y), ("test", test_x, test_y)):
+        y = y if torch.is_tensor(y) else torch.as_tensor(np.asarray(y))
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool \
+                or y.dim() != 1:
+            raise DataFileError(f"{name}: {split} labels are {y.dtype} {tuple(y.shape)}; "
+                                "expected a vector of integers")
+        if len(x) == 0 or len(y) != len(x):
+            raise DataFileError(f"{name}: {len(x)} {split} examples and {len(y)} labels; "
+                                "expected as many labels as examples, and at least one")
+        if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise DataFileError(f"{name}: {split} labels outside 0..{num_classes - 1}")
+        ys.append(y.to(torch.int64))
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataFileError(f"{name}: test examples of shape {tuple(test_x.shape[1:])}, training "
+                            f"examples of {tuple(train_x.shape[1:])}; they must agree")
     mean, std = _stats(train_x)
-    return Dataset(name, train_x, train_y, test_x, test_y, num_classes, mean, std, augment)
+    return Dataset(name, train_x, ys[0], test_x, ys[1], num_classes, mean, std, augment)
+
+
+def _size_text(x: np.ndarray) -> str:
+    return "x".join(map(str, x.shape[1:]))
 
 
 # --- IDX (MNIST, Fashion-MNIST) -------------------------------------------------------------
@@ -151,27 +175,42 @@ def download(url: str, target: Path, md5: str) -> Path:
     return target
 
 
-def _idx_folder(name: str, data_dir: Path | None, allow_download: bool) -> Path:
+def _missing_idx_files(folder: Path) -> list[str]:
     stems = [s for pair in _IDX_FILES.values() for s in pair]
+    return [s for s in stems if not (folder / s).is_file() and not (folder / f"{s}.gz").is_file()]
 
-    def complete(folder: Path) -> bool:
-        return all((folder / s).is_file() or (folder / f"{s}.gz").is_file() for s in stems)
 
-    candidates = []
-    if data_dir is not None:
-        candidates += [data_dir, data_dir / name]
-    if name == "fashion-mnist":
-        candidates.append(DEBIAN_FASHION_MNIST)
-    candidates.append(CACHE / name)
-    for folder in candidates:
-        if complete(folder):
+def _given_idx_folder(name: str, data_dir: Path) -> Path:
+    """``data_dir`` or its subfolder ``name``, whichever holds all the IDX files; nothing else
+    is looked at: a folder given explicitly never falls back to another copy."""
+    inner = data_dir / name
+    for folder in (data_dir, inner):
+        if not _missing_idx_files(folder):
             return folder
-    if data_dir is not None and not data_dir.is_dir():
-        raise DataFileError(f"data folder {data_dir} does not exist")
+    advice = (f"put the official IDX files there or in {inner}, or leave "
+              "--data-dir out to use " + ("Debian's copy, " if name == "fashion-mnist" else "")
+              + "the cache or a download")
+    if not data_dir.is_dir():
+        stems = ", ".join(_missing_idx_files(data_dir))
+        raise DataFileError(f"{name}: the data folder {data_dir} does not exist (it should hold "
+                            f"{stems}, or the same with .gz); {advice}")
+    folder = min((data_dir, inner), key=lambda f: len(_missing_idx_files(f)))
+    raise DataFileError(f"{name}: {folder} lacks {', '.join(_missing_idx_files(folder))} "
+                        f"(or the same with .gz); {advice}")
+
+
+def _idx_folder(name: str, data_dir: Path | None, allow_download: bool) -> Path:
+    if data_dir is not None:
+        return _given_idx_folder(name, data_dir)
+    candidates = ([DEBIAN_FASHION_MNIST] if name == "fashion-mnist" else []) + [CACHE / name]
+    for folder in candidates:
+        if not _missing_idx_files(folder):
+            return folder
     if not allow_download:
+        stems = ", ".join(s for pair in _IDX_FILES.values() for s in pair)
         raise DataFileError(
-            f"{name} files ({', '.join(stems)}, optionally .gz) not found in "
-            f"{', '.join(map(str, candidates))}"
+            f"{name} files ({stems}, optionally .gz) not found in "
+            f"{', '.join(map(str, candidates))}; pass the folder holding them as --data-dir"
             + ("; on Debian: apt-get install dataset-fashion-mnist" if name == "fashion-mnist"
                else ""))
     base, files = DOWNLOADS[name]
@@ -182,95 +221,56 @@ def _idx_folder(name: str, data_dir: Path | None, allow_download: bool) -> Path:
     return CACHE / name
 
 
-def read_idx_split(folder: Path, split: str, hint: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of ``split`` ("train" or "test") from the IDX files in ``folder``."""
+def _find_idx(folder: Path, stem: str, hint: str = "") -> Path:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    raise DataFileError(f"{folder / stem}[.gz] not found{hint}")
+
+
+def read_idx_split(folder: Path, split: str, hint: str = "",
+                   num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, rows, columns) and labels (N,) of ``split`` ("train" or "test") from the IDX
+    files in ``folder``: unsigned bytes, as many labels as images (at least one), each in
+    0..num_classes-1; anything else raises ``DataFileError`` naming the file."""
     if split not in _IDX_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
-    def find(stem):
-        for candidate in (folder / f"{stem}.gz", folder / stem):
-            if candidate.is_file():
-                return candidate
-        raise DataFileError(f"{folder / stem}[.gz] not found{hint}")
-
-    images, labels = (read_idx(find(s)) for s in _IDX_FILES[split])
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataFileError(f"{split} files in {folder} do not fit together: images "
-                            f"{images.shape}, labels {labels.shape}")
+    image_file, label_file = (_find_idx(folder, s, hint) for s in _IDX_FILES[split])
+    images = read_idx(image_file, uint8=True)
+    if images.ndim != 3:
+        raise DataFileError(f"{image_file} holds an array of {images.shape}; expected images "
+                            "(N, rows, columns)")
+    if len(images) == 0:
+        raise DataFileError(f"{image_file} holds no images")
+    labels = read_idx(label_file, ndim=1, uint8=True)
+    if len(labels) != len(images):
+        raise DataFileError(f"{label_file} holds {len(labels)} labels, but {image_file.name} "
+                            f"holds {len(images)} images; the files do not belong together")
+    if int(labels.max()) >= num_classes:
+        raise DataFileError(f"{label_file} holds the label {int(labels.max())}, outside "
+                            f"0..{num_classes - 1}; the file is corrupt or of another data set")
     return images, labels
 
 
 def _load_idx(name: str, data_dir: Path | None, download: bool) -> Dataset:
     folder = _idx_folder(name, data_dir, download)
     (xtr, ytr), (xte, yte) = (read_idx_split(folder, s) for s in ("train", "test"))
-    return _make(name, torch.from_numpy(xtr.copy()).unsqueeze(1), ytr,
-                 torch.from_numpy(xte.copy()).unsqueeze(1), yte, 10)
+    if xtr.shape[1:] != xte.shape[1:]:
+        test, train = (_find_idx(folder, _IDX_FILES[s][0]) for s in ("test", "train"))
+        raise DataFileError(f"{test} holds {_size_text(xte)} images, but {train.name} holds "
+                            f"{_size_text(xtr)}; the files do not belong together")
+    return _make(name, torch.from_numpy(xtr).unsqueeze(1), ytr,
+                 torch.from_numpy(xte).unsqueeze(1), yte, 10)
 
 
 # --- CIFAR python batches -------------------------------------------------------------------
-class _ArrayType:
-    """Stands for ``numpy.ndarray`` in a batch file: only ``_rebuild_array`` accepts it, so a
-    file cannot call the array constructor itself (with a buffer, offset and strides of its
-    choosing) and read memory outside its own data."""
-
-
-def _rebuild_array(cls, shape, dtype_code):
-    if cls is not _ArrayType:
-        raise pickle.UnpicklingError("an array may only be rebuilt as numpy.ndarray")
-    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
-
-
-def _rebuild_scalar(dtype, data=None):
-    """A numpy scalar of a plain (non-object) dtype from exactly its bytes."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes) \
-            or len(data) != dtype.itemsize:
-        raise pickle.UnpicklingError("only plain numpy scalars may be stored")
-    return np.frombuffer(data, dtype=dtype)[0]
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles only what the official CIFAR batches hold: dicts, lists, strings, bytes,
-    numbers and numpy arrays (rebuilt by numpy's own ``__setstate__`` from the file's bytes).
-    Nothing named in the file is imported: the few names it may use are answered from a fixed
-    table, and any other is refused, so a crafted file cannot run code."""
-
-    def find_class(self, module, name):
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            if name == "_reconstruct":
-                return _rebuild_array
-            if name == "scalar":
-                return _rebuild_scalar
-        if (module, name) == ("numpy", "ndarray"):
-            return _ArrayType
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise DataFileError(f"CIFAR batch {path} not found")
-    try:
-        with open(path, "rb") as f:
-            batch = _BatchUnpickler(f, encoding="bytes").load()
-    except Exception as exc:  # truncated or foreign files raise many kinds
-        raise DataFileError(f"{path} is not a readable CIFAR batch ({type(exc).__name__}: "
-                            f"{exc})") from None
-    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise DataFileError(f"{path} does not hold CIFAR data and {label_key.decode()}")
-    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 \
-            or len(labels) != len(data):
-        raise DataFileError(f"{path} has data {data.shape} {data.dtype} and {len(labels)} "
-                            "labels; expected uint8 (N, 3072) and N labels")
-    return data.reshape(-1, 3, 32, 32), labels
-
-
 def _load_cifar(name: str, data_dir: Path | None) -> Dataset:
-    folder_name, train_files, test_file, key, classes = {
+    # folder, training files, test file, label key, classes, images per training file
+    folder_name, train_files, test_file, key, classes, train_rows = {
         "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
-                    "test_batch", b"labels", 10),
-        "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100),
+                    "test_batch", b"labels", 10, 10_000),
+        "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100, 50_000),
     }[name]
     if data_dir is None:
         raise DataFileError(f"{name} needs --data-dir: the folder {folder_name}/ of the official "
@@ -279,8 +279,8 @@ def _load_cifar(name: str, data_dir: Path | None) -> Dataset:
     if not (folder / test_file).exists():
         raise DataFileError(f"{name} batches not found in {data_dir} (looked for {test_file} "
                             f"there and in {data_dir / folder_name})")
-    parts = [_read_batch(folder / f, key) for f in train_files]
-    xte, yte = _read_batch(folder / test_file, key)
+    parts = [read_batch(folder / f, key, classes, train_rows) for f in train_files]
+    xte, yte = read_batch(folder / test_file, key, classes, 10_000)
     xtr = np.concatenate([p[0] for p in parts])
     ytr = np.concatenate([p[1] for p in parts])
     return _make(name, torch.from_numpy(xtr), ytr, torch.from_numpy(xte), yte, classes,
@@ -288,21 +288,21 @@ def _load_cifar(name: str, data_dir: Path | None) -> Dataset:
 
 
 def _load_cifar10_sample(data_dir: Path | None) -> Dataset:
-    """The sample from ``data_dir`` (the file, or a folder holding ``cifar10_sample.npz``), else
-    from the file named by ``$SPARSETRAIN_CIFAR10_SAMPLE``; nothing else is searched."""
-    candidates = []
+    """The sample from ``data_dir`` (the file, or a folder holding ``cifar10_sample.npz``), or,
+    when no ``data_dir`` is given, from the file named by ``$SPARSETRAIN_CIFAR10_SAMPLE``;
+    nothing else is searched."""
     if data_dir is not None:
-        candidates += [data_dir, data_dir / "cifar10_sample.npz"]
-    if os.environ.get(CIFAR10_SAMPLE_ENV):
-        candidates.append(Path(os.environ[CIFAR10_SAMPLE_ENV]))
-    if not candidates:
+        candidates = [data_dir, data_dir / "cifar10_sample.npz"]
+    elif os.environ.get(CIFAR10_SAMPLE_ENV):
+        candidates = [Path(os.environ[CIFAR10_SAMPLE_ENV])]
+    else:
         raise DataFileError(f"cifar10-sample needs the file cifar10_sample.npz: pass its folder "
                             f"as --data-dir, or set ${CIFAR10_SAMPLE_ENV} to its path")
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         raise DataFileError(f"cifar10_sample.npz not found in {', '.join(map(str, candidates))}; "
-                            f"pass its folder as --data-dir, or set ${CIFAR10_SAMPLE_ENV} to its "
-                            "path")
+                            f"pass its folder as --data-dir, or leave --data-dir out and set "
+                            f"${CIFAR10_SAMPLE_ENV} to its path")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != CIFAR10_SAMPLE_SHA256:
         raise DataFileError(f"{path} has SHA-256 {digest}, not the published "
@@ -347,28 +347,34 @@ def make_synthetic(n_train: int = 1000, n_test: int = 200,
     return _make("synthetic", xtr, ytr, xte, yte, num_classes)
 
 
-_LOADERS: dict[str, Callable[..., Dataset]] = {
-    "fashion-mnist": lambda d, download, **o: _load_idx("fashion-mnist", d, download, **o),
-    "mnist": lambda d, download, **o: _load_idx("mnist", d, download, **o),
-    "cifar10": lambda d, download, **o: _load_cifar("cifar10", d, **o),
-    "cifar100": lambda d, download, **o: _load_cifar("cifar100", d, **o),
-    "cifar10-sample": lambda d, download, **o: _load_cifar10_sample(d, **o),
-    "digits": lambda d, download, **o: _load_digits(**o),
-    "synthetic": lambda d, download, **o: make_synthetic(**o),
+# Data sets read from files: loader(data_dir, download); they take no options.
+_FILE_LOADERS: dict[str, Callable[[Path | None, bool], Dataset]] = {
+    "fashion-mnist": lambda d, download: _load_idx("fashion-mnist", d, download),
+    "mnist": lambda d, download: _load_idx("mnist", d, download),
+    "cifar10": lambda d, download: _load_cifar("cifar10", d),
+    "cifar100": lambda d, download: _load_cifar("cifar100", d),
+    "cifar10-sample": lambda d, download: _load_cifar10_sample(d),
 }
+# Data sets made in memory: loader(**options).
+_MADE: dict[str, Callable[..., Dataset]] = {"digits": _load_digits, "synthetic": make_synthetic}
 
 
 def available_datasets() -> list[str]:
-    return sorted(_LOADERS)
+    return sorted([*_FILE_LOADERS, *_MADE])
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = True,
                  **options) -> Dataset:
     """The data set ``name`` (see the table above); ``options`` go to its loader."""
-    if name not in _LOADERS:
+    if name in _MADE:
+        try:
+            return _MADE[name](**options)
+        except TypeError as exc:
+            raise ValueError(f"bad options for data set {name!r}: {exc}") from None
+    if name not in _FILE_LOADERS:
         raise ValueError(f"unknown data set {name!r}; the data sets are: "
                          f"{', '.join(available_datasets())}")
-    try:
-        return _LOADERS[name](None if data_dir is None else Path(data_dir), download, **options)
-    except TypeError as exc:
-        raise ValueError(f"bad options for data set {name!r}: {exc}") from None
+    if options:
+        raise ValueError(f"bad options for data set {name!r}: it takes none, got "
+                         f"{', '.join(sorted(options))}")
+    return _FILE_LOADERS[name](None if data_dir is None else Path(data_dir), download)
