@@ -244,8 +244,11 @@ def test_state_dict_holds_the_schedule():
         "frequency": 5, "dense_layers": [], "seed": 0, "backend": "masked",
         "erk_power_scale": 1.0,
     }
-    _, _, other = build(end_step=25)
+    _, _, other = build(end_step=25, initial_density=0.9)
     with pytest.warns(UserWarning, match="end_step"):
+        other.load_state_dict(sp.state_dict())
+    _, _, other = build(end_step=25)  # other counts at the saved step: refused
+    with pytest.raises(ValueError, match="'conv1.weight' has 130 active weights.* exactly 144"):
         other.load_state_dict(sp.state_dict())
     model, opt, _ = build()
     rigl = st.RigL(model, opt, density=0.5, total_steps=10)

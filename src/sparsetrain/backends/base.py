@@ -19,8 +19,9 @@ run on:
   ``"dense_gradient_every_step"``);
 - ``prepare_step(keep_gradient)``: whether the coming step's dense gradient feeds a topology
   update, so the backend keeps it (a compact layer records its input and output gradient);
-- ``mask_gradients()`` before the optimizer step, ``after_optimizer_step()`` after it: inactive
-  weights and their optimizer state stay exactly zero;
+- ``mask_gradients()`` before the optimizer step, ``after_optimizer_step()`` after it (on every
+  step, also where an update replaces the optimizer step): inactive weights and their optimizer
+  state are set to exactly zero by selection, whatever they held (NaN and inf included);
 - ``dense_mask(name)``, ``dense_weight(name)`` and ``dense_state(name)`` (the optimizer's
   per-weight state tensors): dense tensors of the weight's shape, built on request (for users
   and tests; the library never asks for them);

@@ -215,6 +215,12 @@ class CSRLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"CSRLinear expects inputs with {self.in_features} features in "
                              f"the last dimension, got shape {tuple(x.shape)}")
+        if self.values.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"CSRLinear holds float32 or float64 values, not "
+                             f"{self.values.dtype} (was the model converted, e.g. by .half(), "
+                             "after backend='csr' was set up?); keep the weights in float32 "
+                             "(autocast still runs the rest in lower precision) or use "
+                             "backend='masked'")
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if flat.dtype != self.values.dtype:

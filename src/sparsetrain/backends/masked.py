@@ -129,7 +129,7 @@ class MaskedBackend:
 
     @torch.no_grad()
     def _apply(self, names=None) -> None:
-        """Zero every inactive weight and its optimizer state."""
+        """Zero every inactive weight and its optimizer state (selecting, not multiplying)."""
         for name in self.names if names is None else names:
             param = self.params[name]
             for tensor in [param.data, *self._state_tensors(param)]:
@@ -151,9 +151,9 @@ class MaskedBackend:
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Zero every inactive weight (whatever the optimizer did)."""
-        for name, param in self.params.items():
-            zero_inactive(param.data, self._active[name])
+        """Zero every inactive weight and its optimizer state, whatever they held (a NaN or
+        inf there, e.g. through weight decay, becomes exactly zero)."""
+        self._apply()
 
     def prepare_step(self, keep_gradient: bool) -> None:
         """Whether the coming step's dense gradient must outlive its masking (it feeds an

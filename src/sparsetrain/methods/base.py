@@ -11,6 +11,7 @@ data-parallel rank makes the same choices.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -46,6 +47,30 @@ def distribution_config(distribution: str | Mapping[str, float]) -> str | dict[s
     if isinstance(distribution, Mapping):
         return {str(k): float(v) for k, v in distribution.items()}
     return distribution
+
+
+#: The keys of a ``state_dict()``, and of one saved before positions were (bool ``masks``).
+STATE_KEYS = ("method", "step_count", "positions", "ever_active", "config", "method_state")
+OLD_STATE_KEYS = ("method", "step_count", "masks", "config", "method_state")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` for plain values; False where the comparison is not a plain truth value."""
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def _brief(value: Any) -> str:
+    if torch.is_tensor(value):
+        return f"a tensor of shape {tuple(value.shape)} ({value.dtype})"
+    text = repr(value)
+    return text if len(text) <= 60 and "\n" not in text else f"a {type(value).__name__}"
 
 
 class _Masks(Mapping):
@@ -152,8 +177,17 @@ class Sparsifier:
         the sparse model (RigL paper, Appendix H)."""
         return sparse_training_flops(f_sparse)
 
+    def allowed_counts(self, t: int) -> dict[str, tuple[int, int]]:
+        """The fewest and most active weights each layer may hold after step ``t`` (what a
+        loaded state must have): a fixed budget's own counts, which never change."""
+        return {n: (c, c) for n, c in self.active_counts().items()}
+
     def method_state(self) -> dict[str, Any]:
         return {}
+
+    def check_method_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if ``load_method_state(state)`` would not work (called before
+        anything is loaded)."""
 
     def load_method_state(self, state: Mapping[str, Any]) -> None:
         pass
@@ -178,7 +212,7 @@ class Sparsifier:
         if not update or self.optimizer_step_on_update:
             self.backend.mask_gradients()
             loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-            self.backend.after_optimizer_step()
+        self.backend.after_optimizer_step()  # also when an update replaces the optimizer step
         if update:
             with torch.no_grad():
                 self.update_topology(t)
@@ -282,33 +316,75 @@ class Sparsifier:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict()``; the weights and optimizer state are restored separately.
 
-        Also reads states of earlier versions, which held bool ``masks``."""
-        if not isinstance(state, Mapping) or "method" not in state or "step_count" not in state:
-            raise ValueError("not a sparsetrain sparsifier state_dict (expected the keys "
-                             "'method', 'step_count', 'positions', ...)")
-        if state["method"] != self.method_name:
-            raise ValueError(f"the state_dict is of method {state['method']!r}, but this "
-                             f"sparsifier is {self.method_name!r}")
-        saved = {**dict(state.get("masks") or {}), **dict(state.get("positions") or {})}
-        b = self.backend
-        active = validate_masks(saved, {n: b.shape(n) for n in b.names}, None)
-        config, saved_config = self.config(), dict(state.get("config") or {})
-        changed = sorted(k for k, v in saved_config.items() if config.get(k) != v)
+        Everything is checked before anything changes: a state that does not fit this
+        sparsifier (keys, layers, active sets and their counts, step, method state) raises one
+        ``ValueError`` naming what is wrong and leaves the sparsifier as it was. Also reads
+        states of earlier versions, which held bool ``masks``."""
+        step, active, ever, seed, method_state = self._checked_state(state)
+        config = self.config()
+        saved_config = state["config"]
+        changed = sorted(str(k) for k, v in saved_config.items() if not _same(config.get(k), v))
         if changed:
             warnings.warn(f"{type(self).__name__}.load_state_dict: the saved run had other "
                           f"settings for {changed}; continuing with this sparsifier's settings"
                           + (", except the saved seed, which fixes every random choice of the "
                              "run" if "seed" in changed else ""), stacklevel=2)
-        if "seed" in saved_config:
-            self.seed = checks.integer(saved_config["seed"], "the saved seed")
+        self.seed = seed
         for name, positions in active.items():
-            b.restore_active(name, positions)
-        for name, positions in (state.get("ever_active") or {}).items():
-            if name in active and torch.is_tensor(positions):
-                b.restore_ever_active(name, positions.to(torch.int64).reshape(-1))
-        self.step_count = checks.non_negative_int(int(state["step_count"]), "step_count")
-        self.load_method_state(state.get("method_state", {}))
+            self.backend.restore_active(name, positions)
+        for name, positions in ever.items():
+            self.backend.restore_ever_active(name, positions)
+        self.step_count = step
+        self.load_method_state(method_state)
         self._prepare_next_step()
+
+    def _checked_state(self, state: Any):
+        """``(step, active sets, ever active sets, seed, method state)`` of ``state``, or the
+        ``ValueError`` that says what does not fit."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"not a sparsetrain sparsifier state_dict: a "
+                             f"{type(state).__name__}; pass what state_dict() returned")
+        keys = OLD_STATE_KEYS if state.get("masks") is not None else STATE_KEYS
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"not a sparsetrain sparsifier state_dict: it lacks {missing} (of "
+                             f"the keys {list(keys)}); pass what state_dict() returned")
+        if not isinstance(state["method"], str) or state["method"] != self.method_name:
+            raise ValueError(f"the state_dict is of method {_brief(state['method'])}, but this "
+                             f"sparsifier is {self.method_name!r}; load it into a sparsifier "
+                             "of that method")
+        step = state["step_count"]
+        if not _is_int(step) or not 0 <= step <= self.total_steps:
+            raise ValueError(f"the state_dict's step_count must be an integer in [0, "
+                             f"{self.total_steps}] (total_steps of this sparsifier), got "
+                             f"{_brief(step)}; load a state saved by a run of the same length")
+        for key in ("masks", "positions", "ever_active", "config", "method_state"):
+            if (key in keys or state.get(key) is not None) and not isinstance(state[key],
+                                                                             Mapping):
+                raise ValueError(f"the state_dict's {key!r} must be a dict, got "
+                                 f"{_brief(state[key])}; pass what state_dict() returned")
+        b = self.backend
+        shapes = {n: b.shape(n) for n in b.names}
+        active = validate_masks({**(state.get("masks") or {}), **(state.get("positions") or {})},
+                                shapes, None)
+        allowed = self.allowed_counts(int(step))
+        for name, positions in active.items():
+            (low, high), count = allowed[name], positions.numel()
+            if not low <= count <= high:
+                expected = f"exactly {low}" if low == high else f"between {low} and {high}"
+                raise ValueError(
+                    f"the state_dict's active set of {name!r} has {count} active weights, but "
+                    f"this sparsifier holds {expected} there at step {step}; build the "
+                    "sparsifier with the saved run's settings (density, distribution, "
+                    "schedule, masks)")
+        ever = ({} if state.get("ever_active") is None
+                else validate_masks(state["ever_active"], shapes, None, "ever_active"))
+        seed = state["config"].get("seed", self.seed)
+        if not _is_int(seed):
+            raise ValueError(f"the state_dict's config['seed'] must be an integer, got "
+                             f"{_brief(seed)}; pass the config that state_dict() saved")
+        self.check_method_state(state["method_state"])
+        return int(step), active, ever, int(seed), state["method_state"]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(density={self.density}, distribution="

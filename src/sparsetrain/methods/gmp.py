@@ -144,6 +144,15 @@ class GMP(Sparsifier):
             counts[name] = min(max(count, self._final_counts[name]), self._initial_counts[name])
         return counts
 
+    def allowed_counts(self, t: int) -> dict[str, tuple[int, int]]:
+        """From the schedule's count at the last pruning step up to ``t`` (after which the
+        masks hold it) up to the initial count (a pruning skipped on non-finite weights keeps
+        more)."""
+        last = (self.end_step if t >= self.end_step
+                else max(self.start_step, t - (t - self.start_step) % self.frequency))
+        low = self.target_counts(last)
+        return {n: (low[n], self._initial_counts[n]) for n in self.backend.names}
+
     def density_at(self, t: int) -> float:
         """Overall density of the sparsified weights that the schedule asks for at step ``t``.
 

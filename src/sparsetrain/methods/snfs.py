@@ -54,10 +54,27 @@ class SNFS(SET):
         return {"gradient_ema": {n: e.detach().cpu().clone()
                                  for n, e in self.gradient_ema.items()}}
 
+    def check_method_state(self, state: Mapping[str, Any]) -> None:
+        ema = state.get("gradient_ema", {})
+        if not isinstance(ema, Mapping):
+            raise ValueError(f"method_state['gradient_ema'] must be a dict name -> tensor, got "
+                             f"{type(ema).__name__}; pass what state_dict() returned")
+        for name, e in ema.items():
+            if not isinstance(name, str) or name not in self.backend.names:
+                shown = repr(name) if isinstance(name, str) else f"a {type(name).__name__}"
+                raise ValueError(f"method_state['gradient_ema'] names {shown}, which is not a "
+                                 f"sparsified weight ({self.backend.names})")
+            shape = self.backend.shape(name)
+            if not torch.is_tensor(e) or not e.is_floating_point() or e.is_meta or (
+                    e.layout != torch.strided or tuple(e.shape) != shape):
+                got = (f"{e.dtype} of shape {tuple(e.shape)}" if torch.is_tensor(e)
+                       else type(e).__name__)
+                raise ValueError(f"method_state['gradient_ema'][{name!r}] must be a floating "
+                                 f"tensor of the weight's shape {shape}, got {got}")
+
     def load_method_state(self, state: Mapping[str, Any]) -> None:
         like = {n: self.backend.active_values(n) for n in self.backend.names}
         self.gradient_ema = {
             n: e.to(device=like[n].device, dtype=like[n].dtype)
             for n, e in state.get("gradient_ema", {}).items()
-            if n in like
         }

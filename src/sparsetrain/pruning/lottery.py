@@ -333,7 +333,9 @@ class LotteryTicket:
                 )
             tensor.copy_(saved)
         for t in self._targets:
-            t.param.mul_(self._masks[t.name].to(device=t.param.device, dtype=t.param.dtype))
+            # selecting, not multiplying: a NaN or inf outside the mask becomes 0 too
+            keep = self._masks[t.name].to(device=t.param.device, dtype=torch.bool)
+            t.param.masked_fill_(~keep, 0)
 
     # --- the end of a round ---------------------------------------------------------------
     def end_round(self, accuracy: float | None = None) -> LotteryRound:

@@ -68,7 +68,7 @@ def _scoring_copy(model: nn.Module, masks: Mapping[str, torch.Tensor] | None,
         with torch.no_grad():
             for t in targets:
                 if t.name in masks:
-                    t.param.mul_(masks[t.name].to(device=t.param.device, dtype=t.param.dtype))
+                    t.param.masked_fill_(~masks[t.name].to(t.param.device, torch.bool), 0)
     return clone, targets
 
 
@@ -145,7 +145,7 @@ def random_scores(model: nn.Module, data=None, *, loss_fn: LossFn | None = None,
     for t in _targets(model):
         score = torch.rand(t.shape, generator=generator).to(t.param.device)
         if masks and t.name in masks:
-            score.mul_(masks[t.name].to(score.device))
+            score.masked_fill_(~masks[t.name].to(score.device, torch.bool), 0)
         scores[t.name] = score
     return scores
 
@@ -158,7 +158,7 @@ def magnitude_scores(model: nn.Module, data=None, *, loss_fn: LossFn | None = No
     for t in targets:
         w = t.param.detach().abs().clone()
         if masks and t.name in masks:
-            w.mul_(masks[t.name].to(w.device))
+            w.masked_fill_(~masks[t.name].to(w.device, torch.bool), 0)
         scores[t.name] = w
     return _check_finite(scores, "magnitude")
 

@@ -39,45 +39,56 @@ def initial_active(targets: Sequence[Target], densities: Mapping[str, float],
             for i, t in enumerate(targets)}
 
 
+#: The dtypes a mask may have (bool, or numbers that are 0 or 1).
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def validate_masks(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]],
-                   density: float | None) -> dict[str, torch.Tensor]:
+                   density: float | None, what: str = "masks") -> dict[str, torch.Tensor]:
     """Check that ``masks`` has an active set for every weight of ``shapes`` (name -> shape) and
-    no other; return each as sorted flat positions (int64).
+    no other; return each as sorted flat positions (int64). Errors name the entries
+    ``what[name]``.
 
     An active set is a 0/1 (or bool) mask of the weight's shape, or a 1-D int64 tensor of sorted
     flat positions (as ``state_dict()["positions"]`` holds). With ``density`` given, warns when
     the overall density differs from it by more than one weight per layer.
     """
     if not isinstance(masks, Mapping):
-        raise ValueError(f"masks must be a dict name -> bool tensor, got {type(masks).__name__}")
+        raise ValueError(f"{what} must be a dict name -> bool tensor, got {type(masks).__name__}")
     names = list(shapes)
-    unknown = sorted(set(masks) - set(names))
+    known = set(names)
+    unknown = sorted((n for n in masks if n not in known), key=repr)
     missing = [n for n in names if n not in masks]
     if unknown or missing:
         raise ValueError(
-            "masks must have exactly one entry per sparsified weight; "
+            f"{what} must have exactly one entry per sparsified weight; "
             f"unknown names: {unknown}, missing names: {missing} "
             f"(the sparsified weights are: {names})"
         )
     result = {}
     for name in names:
-        shape, mask = tuple(int(s) for s in shapes[name]), masks[name]
+        shape, mask, entry = tuple(int(s) for s in shapes[name]), masks[name], f"{what}[{name!r}]"
         numel = math.prod(shape)
         if not torch.is_tensor(mask):
-            raise ValueError(f"masks[{name!r}] must be a tensor, got {type(mask).__name__}")
+            raise ValueError(f"{entry} must be a tensor, got {type(mask).__name__}")
+        if mask.layout != torch.strided or mask.is_meta or mask.dtype not in MASK_DTYPES:
+            raise ValueError(f"{entry} must be a dense bool (or 0/1) tensor with data, or int64 "
+                             f"positions, got a {mask.layout} {mask.dtype} tensor on "
+                             f"{mask.device}")
         if mask.dtype == torch.int64 and mask.dim() == 1 and len(shape) != 1:
-            positions = check_positions(mask, numel, f"masks[{name!r}]")
+            positions = check_positions(mask, numel, entry)
         else:
             if tuple(mask.shape) != shape:
-                raise ValueError(f"masks[{name!r}] has shape {tuple(mask.shape)}, but the "
-                                 f"weight has shape {shape}")
+                raise ValueError(f"{entry} has shape {tuple(mask.shape)}, but the weight has "
+                                 f"shape {shape}")
             if mask.dtype != torch.bool:
                 if not bool(((mask == 0) | (mask == 1)).all()):
-                    raise ValueError(f"masks[{name!r}] must hold only 0 and 1 (or be bool)")
+                    raise ValueError(f"{entry} must hold only 0 and 1 (or be bool)")
                 mask = mask != 0
             positions = positions_of(mask)
         if positions.numel() == 0:
-            raise ValueError(f"masks[{name!r}] has no active weight; keep at least one")
+            raise ValueError(f"{entry} has no active weight; keep at least one")
         result[name] = positions
     if density is not None:
         total = sum(math.prod(s) for s in shapes.values())

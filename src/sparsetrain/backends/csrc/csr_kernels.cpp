@@ -391,7 +391,8 @@ void zero_where_false(T* data, const bool* keep, int64_t n) {
   static_assert(sizeof(Bits) == sizeof(T), "zero_where_false: unsupported type");
   Bits* bits = reinterpret_cast<Bits*>(data);
   const uint8_t* flag = reinterpret_cast<const uint8_t*>(keep);
-#pragma omp parallel for schedule(static)
+  // threads only where there is enough work to pay for starting them
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
   for (int64_t i = 0; i < n; ++i) bits[i] &= static_cast<Bits>(0) - static_cast<Bits>(flag[i]);
 }
 
