@@ -23,7 +23,8 @@ def quiet(_message):
 def test_a_trained_run_holds_exactly_the_named_files(tmp_path):
     Trainer(make_config(BASE), tmp_path / "run", log=quiet).train()
     names = {p.name for p in (tmp_path / "run").iterdir()}
-    assert names == {folder.CONFIG, folder.METRICS, folder.CHECKPOINT, folder.SUMMARY}
+    assert names == {folder.CONFIG, folder.METRICS, folder.CHECKPOINT, folder.SUMMARY,
+                     folder.LOCK}
     assert folder.is_finished(tmp_path / "run") and folder.is_run_folder(tmp_path / "run")
     assert folder.read_summary(tmp_path / "run")["method"] == "static"
 
@@ -34,7 +35,7 @@ def test_report_and_sweep_find_runs_by_these_names(tmp_path):
     assert all(folder.is_finished(f) for f in folders)
     assert all({p.name for p in f.iterdir()} == {folder.CONFIG, folder.METRICS,
                                                  folder.CHECKPOINT, folder.SUMMARY,
-                                                 folder.TRAIN_LOG} for f in folders)
+                                                 folder.TRAIN_LOG, folder.LOCK} for f in folders)
     runs = collect_runs([tmp_path / "sweep"])
     assert sorted(r["folder"] for r in runs) == sorted(folders) == folder.find_run_folders(
         tmp_path / "sweep")
@@ -75,8 +76,9 @@ def test_resume_drops_the_metrics_logged_after_the_checkpoint(tmp_path):
     trainer = Trainer(config, tmp_path, log=quiet)
     trainer.train(on_step=lambda t: t.state.step == 3 and t.request_stop())
     folder.append_metrics(tmp_path, {"kind": "train", "step": 4})  # logged, not checkpointed
-    Trainer(config, tmp_path, resume=True, log=quiet)
-    assert [r["step"] for r in folder.read_metrics(tmp_path)] == [1, 2, 2, 3]
+    Trainer(config, tmp_path, resume=True, log=quiet).train(on_step=lambda t: t.request_stop())
+    # step 4's training line once (logged again after the resume), then the final evaluation
+    assert [r["step"] for r in folder.read_metrics(tmp_path)] == [1, 2, 2, 3, 4, 4]
 
 
 def test_atomic_writes_leave_no_temporary_file(tmp_path):
@@ -119,5 +121,6 @@ class Custom:
 
 def test_checkpoints_load_with_weights_only(tmp_path):
     folder.atomic_save({"format": folder.FORMAT, "x": Custom()}, tmp_path / folder.CHECKPOINT)
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(ConfigError, match="never unpickles code") as refused:
         folder.load_checkpoint(tmp_path, make_config(BASE))
+    assert "weights_only" not in str(refused.value)  # never suggest loading it without

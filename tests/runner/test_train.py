@@ -163,7 +163,7 @@ def test_corrupt_checkpoint(tmp_path):
 def test_nan_loss_stops_with_advice(tmp_path):
     trainer = Trainer(config(lr=1e30, optimizer="sgd", method="dense"), tmp_path / "run",
                       log=quiet)
-    with pytest.raises(TrainingError, match="lower the learning rate"):
+    with pytest.raises(TrainingError, match="lower learning rate"):
         trainer.train()
 
 

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -109,10 +109,10 @@ class Run:
 
 
 def build_run(config: TrainConfig, dist: Distributed, log: Log,
-              resume_from: Path | None = None) -> Run:
+              resume_from: Path | None = None, changed: Iterable[str] = ()) -> Run:
     """Build the run of ``config`` on this process; with ``resume_from``, load that folder's
-    checkpoint (checked against ``config``) and take a pruned run's masks from it. Raises
-    ``ConfigError`` for settings that cannot work here."""
+    checkpoint (checked against ``config``, but for the settings named in ``changed``) and take
+    a pruned run's masks from it. Raises ``ConfigError`` for settings that cannot work here."""
     c = config
     check_method(c.method)
     device = dist.device(resolve_device(c.device))
@@ -127,7 +127,8 @@ def build_run(config: TrainConfig, dist: Distributed, log: Log,
     torch.manual_seed(c.seed)
     model = build_network(c, data, width).to(device)
     optimizer = make_optimizer(c, model)
-    checkpoint = folder.load_checkpoint(resume_from, c) if resume_from is not None else None
+    checkpoint = (folder.load_checkpoint(resume_from, c, changed)
+                  if resume_from is not None else None)
     example = data.prepare(data.train_x[:1], train=False).to(device)
     reference = model if c.method != SMALL_DENSE else build_network(c, data, c.width)
     dense_flops = flops(reference.to(device), example).total
@@ -138,7 +139,7 @@ def build_run(config: TrainConfig, dist: Distributed, log: Log,
         # which a CSR layer must have before the weights are loaded)
         masks = (_pruned_masks(c, model, data, n_train, steps_per_epoch, device, dist, log)
                  if checkpoint is None
-                 else saved_active_sets(checkpoint.get("sparsifier")))
+                 else _saved_pruned_masks(checkpoint, model, c.density))
         sparsifier = Static(model, optimizer, distribution=c.distribution, masks=masks,
                             **_common_options(c, total_steps))
     else:
@@ -167,8 +168,27 @@ def saved_active_sets(state: Any) -> dict[str, torch.Tensor] | None:
     sparsifier then reports what is wrong when it loads the state."""
     if not isinstance(state, dict):
         return None
-    saved = {**dict(state.get("masks") or {}), **dict(state.get("positions") or {})}
+    saved = {}
+    for key in ("masks", "positions"):
+        if isinstance(state.get(key), dict):
+            saved.update(state[key])
     return saved or None
+
+
+def _saved_pruned_masks(checkpoint: dict[str, Any], model: nn.Module, density: float):
+    """The active sets of a resumed run pruned at initialisation; ``ConfigError`` unless they
+    keep the configured density (to a weight per layer, the pruning's rounding)."""
+    saved = saved_active_sets(checkpoint.get("sparsifier"))
+    params = dict(model.named_parameters())
+    if not saved or not all(torch.is_tensor(m) and n in params for n, m in saved.items()):
+        return saved  # the sparsifier says what is wrong when it loads the state
+    active = sum(int(m.count_nonzero()) if m.dtype == torch.bool else m.numel()
+                 for m in saved.values())
+    total = sum(params[n].numel() for n in saved)
+    if abs(active - density * total) > len(saved):
+        raise ConfigError(f"the checkpoint's masks keep {active} of {total} weights, not the "
+                          f"run's density {density}; it was altered or is of another run")
+    return saved
 
 
 def _registered_sparsifier(c: TrainConfig, model: nn.Module, optimizer, total_steps: int):

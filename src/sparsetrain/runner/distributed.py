@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .. import collectives
+from . import interrupt
 
 #: How long a collective may wait for the other processes before failing (a crashed rank).
 TIMEOUT = datetime.timedelta(minutes=10)
@@ -87,13 +88,24 @@ class Distributed:
 
 def launch(argv: Sequence[str], nproc: int) -> int:
     """Run ``sparsetrain <argv>`` on ``nproc`` processes of this machine through torchrun; each
-    process gets an equal share of the CPU cores for its threads. Returns the exit status."""
+    process gets an equal share of the CPU cores for its threads. Returns the exit status.
+
+    torchrun runs in a session of its own and this process passes SIGINT, SIGTERM and SIGHUP on
+    to it once (torchrun passes them to the workers, which stop cleanly with a checkpoint); the
+    status is then that of the signal (130, 143, 129)."""
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "sparsetrain", *argv]
-    try:
-        return subprocess.run(command, env=env).returncode
-    except KeyboardInterrupt:  # torchrun passes the interrupt on to the workers
-        return 130
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int) -> None:
+        if not received:
+            received.append(signum)
+            process.send_signal(signum)
+
+    with interrupt.handling({s: forward for s in interrupt.STOP_SIGNALS}):
+        status = process.wait()
+    return interrupt.exit_status(received[0]) if received and status != 0 else status

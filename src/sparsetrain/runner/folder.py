@@ -4,26 +4,38 @@ A run folder holds
 
 - ``config.yaml``: the resolved settings (written when training starts);
 - ``metrics.jsonl``: one JSON object per line, each with a ``"kind"`` and a ``"step"``;
-- ``checkpoint.pt``: everything needed to resume, written atomically, loaded with
-  ``weights_only=True``;
-- ``summary.json``: the results, written atomically when the run is finished;
-- ``train.log``: the messages of a run trained by a sweep.
+- ``checkpoint.pt``: everything needed to resume, with a SHA-256 digest of its content that is
+  checked on load, loaded with ``weights_only=True``;
+- ``summary.json``: the results, written when the run is finished;
+- ``train.log``: the messages of a run trained by a sweep;
+- ``.sparsetrain.lock``: the lock of the process training in it (see ``lock.py``).
 
-Atomic writes go to a hidden temporary file beside the target and replace it in one
-``os.replace``, so a reader (or an interrupted run) sees the old file or the new one, never
-half of one, and no temporary file is left behind.
+Every file but the appended metrics and log is written atomically: to a new temporary file
+beside it (``mkstemp``: a fresh name, created exclusively, never through a link), flushed to
+disk, then renamed over the old one. A reader, or a process killed at any instant, sees the old
+file or the new one, never half of one. A write that fails (a full disk) removes its temporary
+file and leaves the old file as it was; the temporary files of a killed writer are removed by
+the next process that locks the folder.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import os
+import pickle
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterable, Mapping
 
 import torch
 
-from .config import ConfigError, TrainConfig, save_yaml
+from .config import ConfigError, TrainConfig, dump_yaml
+from .lock import LOCK, FolderLock  # noqa: F401 (LOCK: one of the folder's file names)
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -32,6 +44,15 @@ SUMMARY = "summary.json"
 TRAIN_LOG = "train.log"
 #: The ``"format"`` entry of a run checkpoint.
 FORMAT = "sparsetrain-run"
+#: The key of a checkpoint's digest of the rest of its content.
+DIGEST = "sha256"
+_TMP = ".tmp"
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class RunFolderError(ConfigError):
+    """A file of a run folder cannot be written or read; the message names it and says what to
+    do."""
 
 
 def run_folder(config: TrainConfig) -> Path:
@@ -39,24 +60,84 @@ def run_folder(config: TrainConfig) -> Path:
     return Path(config.out) if config.out else Path(config.runs_dir) / config.run_name()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def claim(folder: Path) -> FolderLock:
+    """Lock ``folder`` for this process (``FolderInUse`` if another holds it) and remove the
+    temporary files a killed writer left there (no other process writes in a locked folder)."""
+    lock = FolderLock(folder).acquire()
+    for path in Path(folder).iterdir():
+        if _is_temporary(path.name):
+            path.unlink(missing_ok=True)
+    return lock
+
+
+def _is_temporary(name: str) -> bool:
+    # ours: ".<file>.<random>.tmp"; earlier versions: ".<file>.tmp-<pid>"
+    return name.startswith(".") and (name.endswith(_TMP) or ".tmp-" in name)
+
+
+# --- writing ------------------------------------------------------------------------------
+def _write_error(path: Path, exc: OSError, size: int) -> RunFolderError:
+    folder = path.parent
+    kept = f"; the previous {path.name} is intact" if path.exists() else ""
+    if exc.errno in _FULL:
+        try:
+            free = f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free, "
+        except OSError:
+            free = ""
+        return RunFolderError(
+            f"cannot write {path}: the disk is full or a size limit was reached ({free}"
+            f"{size / 1e6:.1f} MB needed){kept}; free some space, then continue with "
+            f"--resume {folder}")
+    return RunFolderError(f"cannot write {path}: {exc.strerror or exc}{kept}; make {folder} "
+                          "writable or use another folder")
+
+
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Replace ``path`` by a file holding ``data``, atomically (see the module's docstring);
+    raises ``RunFolderError`` (the old file intact, no temporary file left) if it fails."""
+    path = Path(path)
     try:
-        write(tmp)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP, dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc, len(data)) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # the write failed: leave no partial file
-            tmp.unlink()
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, exc, len(data)) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save(obj)`` to ``path``, atomically."""
-    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomically(Path(path), buffer.getbuffer())
 
 
 def atomic_write_json(obj: Any, path: Path) -> None:
     """``obj`` as indented JSON (with a final newline) to ``path``, atomically."""
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    write_atomically(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path`` (created if missing; never through a link)."""
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _write_error(Path(path), exc, len(data)) from None
 
 
 # --- settings -----------------------------------------------------------------------------
@@ -65,8 +146,8 @@ def config_path(folder: Path) -> Path:
 
 
 def save_config(folder: Path, config: TrainConfig) -> None:
-    """Write the run's resolved settings as ``config.yaml``."""
-    save_yaml(config, config_path(folder))
+    """Write the run's resolved settings as ``config.yaml``, atomically."""
+    write_atomically(config_path(folder), dump_yaml(config).encode())
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -82,8 +163,12 @@ def find_run_folders(root: Path) -> list[Path]:
 # --- metrics ------------------------------------------------------------------------------
 def append_metrics(folder: Path, record: dict[str, Any]) -> None:
     """Add ``record`` as one line of ``metrics.jsonl``."""
-    with open(Path(folder) / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    _append_line(Path(folder) / METRICS, json.dumps(record))
+
+
+def append_log(folder: Path, message: str) -> None:
+    """Add ``message`` to ``train.log``."""
+    _append_line(Path(folder) / TRAIN_LOG, message)
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
@@ -93,28 +178,32 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
 def truncate_metrics(folder: Path, step: int) -> None:
     """Keep only the lines of ``metrics.jsonl`` logged up to ``step`` (a resumed run logs the
-    later ones again); lines that are not JSON are dropped too."""
+    later ones again), atomically; lines that are not JSON objects are dropped too."""
     path = Path(folder) / METRICS
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the interruption
-    path.write_text("".join(k + "\n" for k in kept))
+    kept = [json.dumps(r) for r in read_metrics(folder)
+            if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= step]
+    write_atomically(path, "".join(k + "\n" for k in kept).encode())
+
+
+def start_afresh(folder: Path) -> None:
+    """Remove the metrics and summary of a run that never wrote a checkpoint (killed before its
+    first one), so that a run started again in the folder begins with fresh files."""
+    for name in (METRICS, SUMMARY):
+        (Path(folder) / name).unlink(missing_ok=True)
 
 
 # --- checkpoint ---------------------------------------------------------------------------
@@ -122,32 +211,84 @@ def has_checkpoint(folder: Path) -> bool:
     return (Path(folder) / CHECKPOINT).exists()
 
 
+def content_digest(content: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's content (everything but its digest): keys, plain values, and
+    each tensor's dtype, shape and bytes, in a fixed order."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in content.items() if k != DIGEST})
+    return h.hexdigest()
+
+
+def _feed(h, obj: Any) -> None:
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(f"{{{len(obj)}:".encode())
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode() + b"=")
+            _feed(h, obj[key])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"[{len(obj)}:".encode())
+        for item in obj:
+            _feed(h, item)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
 def save_checkpoint(folder: Path, checkpoint: dict[str, Any]) -> None:
-    """Write ``checkpoint`` (a dict with ``"format": FORMAT``) as ``checkpoint.pt``."""
-    atomic_save(checkpoint, Path(folder) / CHECKPOINT)
+    """Write ``checkpoint`` (a dict with ``"format": FORMAT``) as ``checkpoint.pt``, with the
+    digest of its content, atomically."""
+    atomic_save({**checkpoint, DIGEST: content_digest(checkpoint)}, Path(folder) / CHECKPOINT)
 
 
-def load_checkpoint(folder: Path, config: TrainConfig) -> dict[str, Any]:
+def load_checkpoint(folder: Path, config: TrainConfig,
+                    changed: Iterable[str] = ()) -> dict[str, Any]:
     """The checkpoint of ``folder``, loaded on the CPU with ``weights_only=True``.
 
-    Raises ``ConfigError`` when there is none, when it cannot be read (truncated, damaged),
-    when it is not a run checkpoint, or when it was written with other semantic settings than
-    ``config`` (the message lists each difference).
+    Raises ``ConfigError`` when there is none, when it cannot be read (truncated, damaged), when
+    its content does not match its digest (changed after it was written), when it is not a run
+    checkpoint, or when it was written with other semantic settings than ``config``, except
+    those named in ``changed`` (the message lists each difference).
     """
     folder = Path(folder)
     path = folder / CHECKPOINT
     if not path.is_file():
         raise ConfigError(f"nothing to resume in {folder}: it has no {CHECKPOINT}")
+    damaged = (f"checkpoint {path} is damaged; restore it from a copy, or start the run again "
+               "in a new folder")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise ConfigError(f"{damaged} (it cannot be read: it is not a torch checkpoint "
+                          "archive; it may be truncated)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise ConfigError(f"{damaged} (it cannot be read: its data is not valid)") from None
+        # what weights_only refuses; never suggest loading it without
+        raise ConfigError(f"{path} holds objects other than tensors and plain values, which "
+                          "sparsetrain never loads (it never unpickles code), so it was not "
+                          "written by sparsetrain or was altered; start the run again in a new "
+                          "folder") from None
     except Exception as exc:  # torch raises several kinds for damaged files
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); it may be "
-                          "truncated or not a sparsetrain checkpoint") from None
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ConfigError(f"{damaged} (it cannot be read: {type(exc).__name__}"
+                          f"{': ' + detail if detail else ''})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a sparsetrain run checkpoint")
-    saved = checkpoint.get("config", {})
-    differs = sorted(k for k, v in config.semantic_dict().items() if saved.get(k) != v)
+    digest = checkpoint.get(DIGEST)  # checkpoints of earlier versions have none
+    if digest is not None and digest != content_digest(checkpoint):
+        raise ConfigError(f"{damaged} (its content does not match its SHA-256 digest)")
+    saved = checkpoint.get("config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{damaged} (it has no settings)")
+    skip = set(changed)
+    differs = sorted(k for k, v in config.semantic_dict().items()
+                     if k not in skip and saved.get(k) != v)
     if differs:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {getattr(config, k)!r}"
                             for k in differs)
@@ -168,6 +309,16 @@ def write_summary(folder: Path, summary: dict[str, Any]) -> None:
 
 
 def read_summary(folder: Path) -> dict[str, Any] | None:
-    """The run's summary, or ``None`` when it is not finished."""
+    """The run's summary, or ``None`` when it is not finished; ``RunFolderError`` when the file
+    is not a JSON object."""
     path = Path(folder) / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        summary = exc
+    if not isinstance(summary, dict):
+        raise RunFolderError(f"{path} is not a run summary (a JSON object); delete it and run "
+                             f"sparsetrain train --resume {folder} to write it again")
+    return summary

@@ -16,17 +16,17 @@ Dense training does not depend on the density or the distribution: its cells are
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import itertools
-import multiprocessing
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
+from .cells import SweepFailed, SweepStopped, train_cells
+from .config import (ConfigError, TrainConfig, make_config, normalise_key, read_yaml_file,
+                     unknown_key_error)
+from .folder import is_finished
 
-from .config import ConfigError, TrainConfig, make_config, normalise_key, unknown_key_error
-from .folder import TRAIN_LOG, has_checkpoint, is_finished
+__all__ = ["PRESETS", "SweepFailed", "SweepStopped", "expand_grid", "load_sweep_file",
+           "run_sweep"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The README's main job: about 6 minutes on 2 CPU cores.
@@ -55,16 +55,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def load_sweep_file(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from None
+    raw = read_yaml_file(path, "sweep file")
     if not isinstance(raw, Mapping) or set(raw) - {"base", "grid"}:
         raise ConfigError(f"sweep file {path} must be a mapping with the keys 'base' and 'grid'")
-    return dict(raw.get("base") or {}), dict(raw.get("grid") or {})
+    parts = {key: raw.get(key) or {} for key in ("base", "grid")}
+    for key, part in parts.items():
+        if not isinstance(part, Mapping):
+            raise ConfigError(f"sweep file {path}: {key!r} must be a mapping (setting: "
+                              f"{'value' if key == 'base' else 'list of values'}), not a "
+                              f"{type(part).__name__}")
+    return dict(parts["base"]), dict(parts["grid"])
 
 
 def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Any]) -> list[TrainConfig]:
@@ -91,49 +93,21 @@ def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Any]) -> list[TrainC
     return cells
 
 
-def _run_cell(settings: dict[str, Any], out: str, threads: int | None) -> dict[str, Any]:
-    import torch
-
-    from .train import Trainer
-
-    if threads:
-        torch.set_num_threads(threads)
-    run = Path(out)
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / TRAIN_LOG, "a") as log:
-        trainer = Trainer(make_config(settings), run, resume=has_checkpoint(run),
-                          log=lambda m: print(m, file=log, flush=True))
-        summary = trainer.train()
-    if summary is None:
-        raise KeyboardInterrupt
-    return summary
-
-
 def run_sweep(cells: list[TrainConfig], out_dir: str | Path, *, jobs: int = 1,
               log: Callable[[str], None] = print) -> list[Path]:
-    """Train every cell not finished yet; return the run folders of all cells."""
+    """Train every cell not finished yet; return the run folders of all cells.
+
+    Each cell is trained under its folder's lock, so sweeps started together on one folder
+    share the cells: a cell that another process trains is waited for, not trained twice.
+    SIGINT, SIGTERM or SIGHUP make every running cell finish its step and write a checkpoint,
+    then raise ``SweepStopped``; cells that failed raise ``SweepFailed`` once the others are
+    trained.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folders = [out_dir / c.run_name() for c in cells]
     todo = [(c, f) for c, f in zip(cells, folders) if not is_finished(f)]
     log(f"sweep: {len(cells)} runs, {len(cells) - len(todo)} already finished, "
         f"{len(todo)} to train, {jobs} at a time; folder {out_dir}")
-    if not todo:
-        return folders
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-
-    def done(config: TrainConfig, folder: Path, summary: dict[str, Any]) -> None:
-        log(f"  {folder.name}: test accuracy {summary['test_accuracy']:.4f}, density "
-            f"{summary['density']:.4f}, {summary['wall_time_s']:.0f} s")
-
-    if jobs <= 1:
-        for config, folder in todo:
-            done(config, folder, _run_cell(config.to_dict(), str(folder), None))
-        return folders
-    context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        running = {pool.submit(_run_cell, c.to_dict(), str(f), threads): (c, f) for c, f in todo}
-        for future in futures.as_completed(running):
-            config, folder = running[future]
-            done(config, folder, future.result())
+    train_cells(todo, jobs, log)
     return folders

@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from . import folder, measure
 from .build import build_run
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data_order import batch_generator, epoch_order
 from .distributed import Distributed
 from .folder import run_folder
 from .interrupt import StopRequest
+from .lock import FolderLock
 from .lr_schedule import LRSchedule
 from .progress import progress_bar
-from .state import RunState, checkpoint_content, restore
+from .state import RunState, check_changes, checkpoint_content, restore
 
 __all__ = ["LRSchedule", "Trainer", "TrainingError", "run_folder"]
 
@@ -39,18 +40,49 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     """Builds a run from a ``TrainConfig`` and trains it in ``out``, resuming from the
-    checkpoint there if ``resume``. ``log`` receives the messages (rank 0's only; default:
-    print); ``distributed`` defaults to what torchrun's environment describes."""
+    checkpoint there if ``resume`` (starting from step 0 if the run was stopped before its first
+    checkpoint). ``changed`` names the settings that ``config`` changes from the saved run on
+    resume (learning-rate settings only, ``CHANGEABLE_ON_RESUME``). ``log`` receives the
+    messages (rank 0's only; default: print); ``distributed`` defaults to what torchrun's
+    environment describes.
+
+    The process (rank 0) holds the folder's lock from here to the end of ``train()`` (or
+    ``close()``): another Trainer on the same folder raises ``FolderInUse``. A caller that
+    holds the lock already passes it as ``lock`` (the trainer then owns it).
+    """
 
     def __init__(self, config: TrainConfig, out: Path, *, resume: bool = False,
-                 log: Callable[[str], None] | None = None,
-                 distributed: Distributed | None = None):
+                 changed: Iterable[str] = (), log: Callable[[str], None] | None = None,
+                 distributed: Distributed | None = None, lock: FolderLock | None = None):
         self.config = config
         self.out = Path(out)
+        self._lock = lock
+        self.changed = check_changes(changed, resume)
         self.dist = distributed or Distributed.from_environment(config.device)
         say = log or (lambda message: print(message, flush=True))
         self.log = say if self.dist.is_main else (lambda message: None)  # rank 0 speaks
-        run = build_run(config, self.dist, self.log, self.out if resume else None)
+        if self._lock is None and self.dist.is_main and self.out.is_dir():
+            self._lock = folder.claim(self.out)  # before anything in it is read
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        config = self.config
+        has_checkpoint = folder.has_checkpoint(self.out)
+        if not resume and has_checkpoint:
+            raise ConfigError(f"{self.out} already holds a run; continue it with --resume "
+                              f"{self.out} (resume=True), or use another folder")
+        if resume and not has_checkpoint:
+            if not folder.config_path(self.out).is_file():
+                raise ConfigError(f"nothing to resume in {self.out}: it has no "
+                                  f"{folder.CHECKPOINT} and no {folder.CONFIG}")
+            self.log(f"{self.out} has no checkpoint yet (the run stopped before its first): "
+                     "starting from step 0")
+        run = build_run(config, self.dist, self.log, self.out if has_checkpoint else None,
+                        self.changed)
         self.device, self.data, self.n_train = run.device, run.data, run.n_train
         self.steps_per_epoch, self.total_steps = run.steps_per_epoch, run.total_steps
         self.width, self.model, self.optimizer = run.width, run.model, run.optimizer
@@ -60,11 +92,24 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.state = RunState()
         self._stop = StopRequest(self.log)
+        self.stopped_by: int | None = None  # the signal that stopped the run, if one did
+        self._resumed = run.checkpoint is not None
+        self._changes: dict[str, dict[str, Any]] = {}
+        self._checkpoint_step: int | None = None
         if run.checkpoint is not None:
             self.state = restore(run.checkpoint, self.model, self.optimizer, self.sparsifier,
-                                 self.out)
-            folder.truncate_metrics(self.out, self.state.step)  # later lines come again
+                                 self.out, self.total_steps)
+            self._checkpoint_step = self.state.step
+            saved = run.checkpoint["config"]
+            self._changes = {k: {"from": saved.get(k), "to": getattr(config, k)}
+                             for k in self.changed if saved.get(k) != getattr(config, k)}
         self.sparse_flops = measure.inference_flops(self.model, self._example, self.sparsifier)
+
+    def close(self) -> None:
+        """Give the folder's lock back (``train()`` does so when it returns)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # --- measuring ------------------------------------------------------------------------
     def evaluate(self) -> tuple[float, float]:
@@ -89,6 +134,7 @@ class Trainer:
             folder.save_checkpoint(self.out, checkpoint_content(
                 self.config, self.state, self.model, self.optimizer, self.sparsifier,
                 self.schedule))
+        self._checkpoint_step = self.state.step
         self.dist.barrier()
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
@@ -97,24 +143,46 @@ class Trainer:
 
     # --- training -------------------------------------------------------------------------
     def request_stop(self) -> None:
-        """Stop after the current step, with a checkpoint (what Ctrl-C does)."""
+        """Stop after the current step, with a checkpoint (what Ctrl-C and SIGTERM do)."""
         self._stop.request()
 
     def train(self, on_step: Callable[["Trainer"], None] | None = None) -> dict[str, Any] | None:
-        """Train to the end; return the summary, or ``None`` if stopped early (checkpointed).
-        ``on_step(trainer)`` is called after every step."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Train to the end; return the summary, or ``None`` if stopped early (checkpointed;
+        ``stopped_by`` names the signal that asked, if one did). ``on_step(trainer)`` is called
+        after every step."""
+        try:
+            with self._stop.catching_signals():
+                return self._train(on_step)
+        finally:
+            self.close()
+
+    def _train(self, on_step) -> dict[str, Any] | None:
         if self.dist.is_main:
+            if self._lock is None:
+                self._lock = folder.claim(self.out)
+            if self._resumed:
+                folder.truncate_metrics(self.out, self.state.step)  # later lines come again
+            else:
+                folder.start_afresh(self.out)
             folder.save_config(self.out, self.config)
+        if self._changes:
+            self._append_metrics({"kind": "override", "step": self.state.step,
+                                  "changes": self._changes})
+            self.log("resuming with changed settings: " + ", ".join(
+                f"{k} {v['from']!r} -> {v['to']!r}" for k, v in self._changes.items()))
+            self.save_checkpoint()  # so that the run resumes with them from now on
         if self.state.finished:
             self.log(f"{self.out} is already finished; nothing to do")
-            summary = folder.read_summary(self.out)
-            # a lost summary is written again from the final state
+            try:
+                summary = folder.read_summary(self.out)
+            except folder.RunFolderError:
+                summary = None
+            # a lost or broken summary is written again from the final state
             return summary if summary is not None else self._finish()
-        with self._stop.catching_ctrl_c():
-            stopped = self._loop(on_step)
+        stopped = self._loop(on_step)
         if stopped:
             self.save_checkpoint()
+            self.stopped_by = self._stop.signum
             self.log(f"stopped at step {self.state.step} of {self.total_steps}; checkpoint "
                      f"written, continue with: sparsetrain train --resume {self.out}")
             return None
@@ -171,8 +239,7 @@ class Trainer:
         if bad:
             raise TrainingError(
                 f"the training loss became {float(loss.detach())} at step {s.step + 1} (epoch "
-                f"{epoch + 1}); lower the learning rate (now {lr:.4g}) or add warm-up "
-                f"(--warmup-epochs); the last good checkpoint is in {self.out}")
+                f"{epoch + 1}) with the learning rate at {lr:.4g}; {self._way_back(lr)}")
         # DDP averages the shares' gradients: weighting each share's mean loss by its size
         # makes that average the gradient of the whole batch's mean loss
         (loss * (len(y) * self.dist.world / len(idx))).backward()
@@ -189,6 +256,16 @@ class Trainer:
         s.correct += int(correct)
         s.seen += len(idx)
 
+    def _way_back(self, lr: float) -> str:
+        """What to do after the loss diverged, truthful about the checkpoint there is."""
+        lower = f"{self.config.lr / 10:.3g}"
+        if self._checkpoint_step is None:
+            return (f"no checkpoint was written yet; start again with a lower learning rate "
+                    f"(--lr {lower}) or warm-up (--warmup-epochs)")
+        return (f"the last checkpoint, of step {self._checkpoint_step}, is in {self.out}; "
+                f"continue from it with a lower learning rate: sparsetrain train --resume "
+                f"{self.out} --override lr={lower} (or add warm-up the same way)")
+
     def _log_training(self) -> float:
         """A training-metrics line of the averages since the last one, which are then reset;
         returns the average loss."""
@@ -204,10 +281,16 @@ class Trainer:
         return loss
 
     def _stop_agreed(self) -> bool:
-        """Whether to stop now: under torch.distributed all stop at the same step, or none."""
-        if self.dist.active:
-            self._stop.requested = bool(self.dist.sum([self._stop.requested])[0])
-        return self._stop.requested
+        """Whether to stop now: under torch.distributed all stop at the same step, or none (and
+        all report the same signal)."""
+        if not self.dist.active:
+            return self._stop.requested
+        # a signal may set the local flag during the collective: never reset it here
+        if not self.dist.sum([self._stop.requested])[0]:
+            return False
+        signals = self.dist.gather(torch.tensor([self._stop.signum or 0]))
+        self._stop.requested, self._stop.signum = True, max(int(t) for t in signals) or None
+        return True
 
     def _check_masks_agree(self) -> None:
         """After a topology update: every process must hold the same masks (a fingerprint of
