@@ -52,3 +52,34 @@ def test_choice_and_boolean():
     assert checks.boolean(False, "progress") is False
     with pytest.raises(ValueError, match="progress must be True or False, got 1"):
         checks.boolean(1, "progress")
+
+
+def test_reals_are_finite():
+    for bad in (math.inf, -math.inf):
+        with pytest.raises(ValueError, match=r"lr must be a finite number > 0, got -?inf"):
+            checks.positive_real(bad, "lr")
+        with pytest.raises(ValueError, match="finite"):
+            checks.real_in_range(bad, "x")
+    with pytest.raises(ValueError, match="finite"):
+        checks.real_in_range(10**400, "x")  # an int too large for a float
+    assert checks.real_in_range(-1e300, "x") == -1e300
+
+
+def test_integer_in_range():
+    assert checks.integer_in_range(2**32 - 1, "seed", 0, 2**32 - 1) == 2**32 - 1
+    with pytest.raises(ValueError, match=r"seed must be a whole number in \[0, 4294967295\], got "
+                                         r"1180591620717411303424; give seed a whole number in "
+                                         r"\[0, 4294967295\]"):
+        checks.integer_in_range(2**70, "seed", 0, 2**32 - 1)
+    for bad in (True, 1.0, "1", None, -1):
+        with pytest.raises(ValueError, match="seed must be a whole number"):
+            checks.integer_in_range(bad, "seed", 0, 10)
+
+
+def test_integer_upper_bounds():
+    assert checks.positive_int(5, "epochs", high=5) == 5
+    with pytest.raises(ValueError, match=r"epochs must be a positive integer \(at most 5\), "
+                                         r"got 6"):
+        checks.positive_int(6, "epochs", high=5)
+    with pytest.raises(ValueError, match=r"k must be a non-negative integer \(at most 5\)"):
+        checks.non_negative_int(6, "k", high=5)

@@ -18,30 +18,62 @@ import numbers
 from typing import Any, Collection
 
 
+def shown(value: Any) -> str:
+    """``repr(value)`` for a message: cut to a readable length, and never failing (Python
+    refuses to print an int of more than 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number of more than 4300 digits"
+    return text if len(text) <= 80 else text[:60] + "..." + text[-10:]
+
+
 def _fail(name: str, expected: str, value: Any, fix: str | None, default_fix: str) -> None:
-    raise ValueError(f"{name} must be {expected}, got {value!r}; {fix or default_fix}")
+    raise ValueError(f"{name} must be {expected}, got {shown(value)}; {fix or default_fix}")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def positive_int(value: Any, name: str, *, fix: str | None = None) -> int:
-    """``value`` as an ``int`` if it is an integer >= 1 (bools are refused)."""
-    if not _is_int(value) or value < 1:
-        _fail(name, "a positive integer", value, fix, f"give {name} a whole number of 1 or more")
+def _at_most(high: int | None) -> str:
+    return "" if high is None else f" (at most {high})"
+
+
+def positive_int(value: Any, name: str, *, high: int | None = None,
+                 fix: str | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer >= 1 and, given ``high``, <= ``high``
+    (bools are refused)."""
+    if not _is_int(value) or value < 1 or (high is not None and value > high):
+        _fail(name, "a positive integer" + _at_most(high), value, fix,
+              f"give {name} a whole number of 1 or more{_at_most(high)}")
     return int(value)
 
 
-def non_negative_int(value: Any, name: str, *, fix: str | None = None) -> int:
-    """``value`` as an ``int`` if it is an integer >= 0 (bools are refused)."""
-    if not _is_int(value) or value < 0:
-        _fail(name, "a non-negative integer", value, fix,
-              f"give {name} a whole number of 0 or more")
+def non_negative_int(value: Any, name: str, *, high: int | None = None,
+                     fix: str | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer >= 0 and, given ``high``, <= ``high``
+    (bools are refused)."""
+    if not _is_int(value) or value < 0 or (high is not None and value > high):
+        _fail(name, "a non-negative integer" + _at_most(high), value, fix,
+              f"give {name} a whole number of 0 or more{_at_most(high)}")
+    return int(value)
+
+
+def integer_in_range(value: Any, name: str, low: int, high: int, *,
+                     fix: str | None = None) -> int:
+    """``value`` as an ``int`` if it is an integer in [``low``, ``high``] (bools are refused),
+    e.g. a seed, which torch takes only within 64 bits."""
+    interval = f"[{low}, {high}]"
+    if not _is_int(value) or not low <= value <= high:
+        _fail(name, f"a whole number in {interval}", value, fix,
+              f"give {name} a whole number in {interval}")
     return int(value)
 
 
 def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if high == math.inf and low == -math.inf:
+        return "finite"
     if high == math.inf:
         return f"{'>' if low_open else '>='} {low:g}"
     if low == -math.inf:
@@ -52,22 +84,35 @@ def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
 def real_in_range(value: Any, name: str, low: float = -math.inf, high: float = math.inf, *,
                   low_open: bool = False, high_open: bool = False, meaning: str | None = None,
                   fix: str | None = None) -> float:
-    """``value`` as a ``float`` if it is a real number (not a bool, not NaN) between ``low``
-    and ``high``; the bounds are included unless ``low_open`` / ``high_open``. ``meaning``
-    (e.g. "the fraction of weights kept") is added to the message after the range."""
+    """``value`` as a ``float`` if it is a finite real number (not a bool, NaN or infinite)
+    between ``low`` and ``high``; the bounds are included unless ``low_open`` / ``high_open``.
+    ``meaning`` (e.g. "the fraction of weights kept") is added to the message after the
+    range."""
     interval = _interval(low, high, low_open, high_open)
-    expected = interval + (f" ({meaning})" if meaning else "")
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    expected = (interval if interval != "finite" else "a finite number") + (
+        f" ({meaning})" if meaning else "")
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = real and _finite(value)
+    if real and not ok and value == value and interval != "finite":  # infinite, not NaN
+        expected = f"a finite number {expected}"
     if ok:
         ok = (value > low if low_open else value >= low) and (
             value < high if high_open else value <= high)
     if not ok:
-        _fail(name, expected, value, fix, f"give {name} a number {interval}")
+        number = "a finite number" if interval == "finite" else f"a number {interval}"
+        _fail(name, expected, value, fix, f"give {name} {number}")
     return float(value)
 
 
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def positive_real(value: Any, name: str, *, fix: str | None = None) -> float:
-    """``value`` as a ``float`` if it is a real number > 0."""
+    """``value`` as a ``float`` if it is a finite real number > 0."""
     return real_in_range(value, name, 0.0, low_open=True, fix=fix)
 
 

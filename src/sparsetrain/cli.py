@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from . import checks
 from .runner.sweep import PRESETS
 from .runner.config import (
@@ -29,6 +27,7 @@ from .runner.config import (
     load_yaml,
     make_config,
     normalise_key,
+    parse_yaml,
     unknown_key_error,
 )
 from .runner.folder import config_path
@@ -86,15 +85,16 @@ def _add_setting(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # a one-line message and status 2, with a hint on options
+        hint = f" (`{self.prog} --help` lists the options)"
         if "unrecognized arguments" in message:
             unknown = message.split(":", 1)[1].split()
             for item in unknown:
                 if item.startswith("--"):
                     name = normalise_key(item[2:].split("=", 1)[0])
                     if name not in TrainConfig.keys():
-                        message = str(unknown_key_error(item, "the command line"))
+                        message, hint = str(unknown_key_error(item, "the command line")), ""
                         break
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"sparsetrain: error: {_one_line(message)}{hint}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="YAML file of settings")
     train.add_argument("--resume", type=Path, metavar="RUN_FOLDER",
                        help="continue the run in this folder from its checkpoint")
+    train.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="with --resume: change a learning-rate setting of the run from "
+                            "its checkpoint on (lr, lr_schedule, lr_milestones, lr_gamma, "
+                            "lr_step_epochs, warmup_epochs; repeatable); recorded in "
+                            "config.yaml and metrics.jsonl")
     train.add_argument("--nproc", type=int, default=1, metavar="N",
                        help="train on N processes of this machine (data parallel, started "
                             "through torchrun); --batch-size stays the total batch")
@@ -140,7 +145,7 @@ def _key_values(items: list[str], flag: str) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"{flag} takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = parse_yaml(value, f"the value of {flag} {key.strip()}")
     return options
 
 
@@ -160,7 +165,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.config is not None:
         layers.append(load_yaml(args.config))
     layers.append(given)
+    layers.append(overrides(args))
     return make_config(*layers), args.resume is not None
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that ``--override KEY=VALUE`` changes on resume, by their names."""
+    items = getattr(args, "override", None) or []
+    if items and args.resume is None:
+        raise ConfigError("--override changes the settings of a run being resumed; use it with "
+                          "--resume RUN_FOLDER (for a new run, give the options themselves)")
+    return {normalise_key(k): v for k, v in _key_values(items, "--override").items()}
 
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,7 +207,8 @@ def _sweep(args: argparse.Namespace) -> int:
         if "=" not in item:
             raise ConfigError(f"--grid takes KEY=V1,V2,..., got {item!r}")
         key, values = item.split("=", 1)
-        grid[key] = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+        grid[key] = [parse_yaml(v, f"a value of --grid {key.strip()}")
+                     for v in values.split(",") if v.strip()]
     if not grid:
         raise ConfigError("nothing to sweep: give --preset, --config or --grid KEY=V1,V2")
     try:
@@ -262,34 +278,78 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .runner.distributed import launch
 
             return launch(_without_nproc(argv), args.nproc)
-    from .data import DataFileError
-    from .runner.folder import has_checkpoint, run_folder
-    from .runner.train import Trainer, TrainingError
+    from .runner.folder import run_folder
+    from .runner.interrupt import exit_status
+    from .runner.sweep import SweepStopped
+    from .runner.train import Trainer
 
     try:
         if args.command in ("sweep", "report"):
             return _sweep(args) if args.command == "sweep" else _report(args)
         config, resume = resolve_config(args)
         out = run_folder(config)
-        if not resume and has_checkpoint(out):
-            raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or "
-                              "pass another --out")
-        trainer = Trainer(config, out, resume=resume)
+        _check_out(out)
+        trainer = Trainer(config, out, resume=resume, changed=overrides(args))
         where = (f"{trainer.dist.world} processes ({trainer.device})" if trainer.dist.active
                  else str(trainer.device))
         trainer.log(f"sparsetrain: {config.model} on {config.data} with {config.method} at "
                     f"density {config.density}, {config.epochs} epochs ({trainer.total_steps} "
                     f"steps) on {where}; run folder {out}")
         summary = trainer.train()
-    except (ConfigError, DataFileError, TrainingError, ValueError) as exc:
-        print(f"sparsetrain: error{_rank_suffix()}: {exc}", file=sys.stderr)
-        return 2
+    except SweepStopped as exc:
+        print(f"sparsetrain: {exc}", file=sys.stderr)
+        return exit_status(exc.signum)
     except KeyboardInterrupt:
         print("sparsetrain: stopped", file=sys.stderr)
         return 130
+    except Exception as exc:  # the expected failures end in one line, the others in a trace
+        message = _input_error(exc)
+        if message is None:
+            raise
+        print(f"sparsetrain: error{_rank_suffix()}: {message}", file=sys.stderr)
+        return 2
     finally:
         _leave_process_group()
-    return 0 if summary is not None else 130
+    return 0 if summary is not None else exit_status(trainer.stopped_by)
+
+
+def _check_out(out: Path) -> None:
+    """``ConfigError`` unless the run folder ``out`` is a folder or can be made one."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"the run folder {out} is a file, not a folder; pass another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"cannot make the run folder {out}: {parent} is a file, not a "
+                                  "folder; pass another --out")
+            return
+
+
+def _input_error(exc: Exception) -> str | None:
+    """The one-line message of an expected failure (bad input, a file that cannot be read or
+    written, too little memory), or ``None`` for a bug."""
+    import torch
+
+    from .data import DataFileError
+    from .runner.train import TrainingError
+
+    if isinstance(exc, (ConfigError, DataFileError, TrainingError, ValueError)):
+        message = str(exc)
+    elif isinstance(exc, OSError):
+        paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+        message = (f"cannot use {paths}: {exc.strerror or exc}; check the path and its "
+                   "permissions" if paths else f"{exc.strerror or exc}")
+    elif isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+            isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
+        message = ("out of memory: " + (str(exc).splitlines() or [type(exc).__name__])[0]
+                   + "; try a smaller --width, --batch-size or data set")
+    else:
+        return None
+    return _one_line(message) or type(exc).__name__
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def _rank_suffix() -> str:

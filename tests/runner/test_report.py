@@ -69,3 +69,36 @@ def test_no_finished_runs(tmp_path):
     fake_run(tmp_path, "x", "rigl", 0.1, 0, 0.5, finished=False)
     with pytest.raises(ValueError, match="no finished runs"):
         write_report([tmp_path], tmp_path / "r")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "summary.json"),
+    ("\xff\xfe", "summary.json"),
+    ("[1, 2]", "summary.json"),
+    ('{"method": "rigl", "density": 0.1}', "test_accuracy"),
+    ('{"method": "rigl", "density": 0.1, "test_accuracy": "high"}', "test_accuracy"),
+    ('{"method": 3, "density": 0.1, "test_accuracy": 0.5}', "method"),
+    ('{"method": "rigl", "density": 0.1, "test_accuracy": 0.5, "config": []}', "config"),
+])
+def test_broken_run_folder_is_one_clear_error(tmp_path, text, match):
+    import re
+
+    from sparsetrain.runner.config import ConfigError
+
+    folder = fake_run(tmp_path, "broken", "rigl", 0.1, 0, 0.5)
+    (folder / "summary.json").write_text(text, encoding="latin-1")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(folder))}.*{match}") as error:
+        collect_runs([tmp_path])
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match=re.escape(str(folder))):
+        write_report([tmp_path], tmp_path / "r")
+
+
+def test_metrics_lines_that_are_not_evals_are_skipped(tmp_path):
+    folder = fake_run(tmp_path, "x", "rigl", 0.1, 0, 0.5)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('[1]\n"text"\n{"kind": "eval"}\n{"kind": "eval", "epoch": "one", '
+                '"test_accuracy": 0.5}\n')
+    (run,) = collect_runs([tmp_path])
+    assert [e["epoch"] for e in run["evals"]] == [1, 2, 3]
+    write_report([tmp_path], tmp_path / "r")

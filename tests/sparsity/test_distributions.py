@@ -108,3 +108,29 @@ def test_lstm_and_embedding_model():
     counts = {n: p.numel() for n, p in model.named_parameters() if n in d}
     assert sum(d[n] * counts[n] for n in d) == pytest.approx(0.2 * sum(counts.values()))
     assert torch.tensor(list(d.values())).le(1).all()
+
+
+@pytest.mark.parametrize("power", [float("nan"), float("inf"), -float("inf"), -0.5, 1.5, 1e6,
+                                   "1", None, True])
+def test_bad_erk_power_scale_is_refused_before_the_loop(power, model, monkeypatch):
+    from sparsetrain.sparsity import distributions
+
+    def loop(*args):  # NaN made this loop forever, inf divided by zero
+        raise AssertionError("the ERK loop ran with an unchecked erk_power_scale")
+
+    monkeypatch.setattr(distributions, "_scaled_densities", loop)
+    with pytest.raises(ValueError, match=r"erk_power_scale must be (a finite number )?in \[0, 1\]"):
+        densities_for_shapes(SHAPES, 0.1, "erk", erk_power_scale=power)
+    with pytest.raises(ValueError, match="erk_power_scale"):
+        st.layer_densities(model, 0.1, "erk", erk_power_scale=power)
+    if not isinstance(power, float):
+        return  # the sparsifiers take float(erk_power_scale)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="erk_power_scale"):
+        st.RigL(model, optimizer, density=0.1, total_steps=10, erk_power_scale=power)
+
+
+def test_erk_power_scale_between_zero_and_one_interpolates():
+    half = densities_for_shapes(SHAPES, 0.2, "erk", erk_power_scale=0.5)
+    full = densities_for_shapes(SHAPES, 0.2, "erk")
+    assert full["fc1"] < half["fc1"] < 0.2

@@ -2,6 +2,11 @@
 
 A run is fully described by a ``TrainConfig``; it is saved as ``config.yaml`` in the run folder,
 and ``--resume`` refuses a folder whose saved settings differ from the ones asked for.
+
+Every YAML the command line reads (config and sweep files, ``--method-option``,
+``--data-option`` and ``--grid`` values) goes through ``parse_yaml``: PyYAML's safe loader
+without aliases (a few hundred bytes of ``*name`` expand to billions of items), with files
+bounded in size, and every failure a ``ConfigError`` naming where the YAML came from.
 """
 
 from __future__ import annotations
@@ -9,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import difflib
-import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +23,8 @@ from typing import Any, Mapping
 import yaml
 
 from .. import checks
+from ..sparsity.distributions import DISTRIBUTIONS, check_erk_power_scale
+from ..sparsity.schedules import DROP_FRACTION_DECAYS
 
 
 class ConfigError(ValueError):
@@ -31,6 +37,14 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "multistep", "constant")
 PRUNE_SCOPES = ("global", "layer")
 BACKENDS = ("masked", "csr")
+#: Bounds of settings that would build no model, or run for ever, beyond them.
+MAX_WIDTH = 16.0
+MAX_COUNT = 2**31 - 1  # epochs, steps, batches, examples
+MAX_SEED = 2**32 - 1
+#: Numbers in ``data_options`` are counts and shapes of data made in memory (seeds apart).
+MAX_DATA_NUMBER = 10**7
+MAX_YAML_BYTES = 1 << 20
+DEVICE = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]?|1[01][0-9]|12[0-7]))?")
 
 
 @dataclass
@@ -135,17 +149,78 @@ def unknown_key_error(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown setting {key!r} in {where}{hint}")
 
 
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, event: yaml.AliasEvent):
+        super().__init__()
+        self.event = event
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases (``*name``, ``<<: *name``), and reading numbers
+    such as ``1e-3`` as YAML 1.2 does (PyYAML, YAML 1.1, wants ``1.0e-3``)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _AliasRefused(self.peek_event())
+        return super().compose_node(parent, index)
+
+
+_Loader.add_implicit_resolver(  # PyYAML copies the resolvers for the subclass first
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem or exc.context} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML (safe types, no aliases); ``ConfigError`` naming ``where`` (e.g.
+    ``"config file c.yaml"``, ``"the value of --data-option n_train"``) if it cannot be
+    read."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except _AliasRefused as exc:
+        mark = exc.event.start_mark
+        raise ConfigError(
+            f"{where} uses the YAML alias *{exc.event.anchor} (line {mark.line + 1}, column "
+            f"{mark.column + 1}); aliases are not accepted (a few can expand into billions of "
+            "values): write the value out in full") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be read as YAML") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The YAML of the file ``path`` (at most 1 MiB of UTF-8) by ``parse_yaml``; errors name
+    it as ``what`` (``"config file"``, ``"sweep file"``) and the path."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} {path} is larger than 1 MiB; is it the right file? A {what} "
+                          "holds settings only")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {data[exc.start]:#04x} at "
+                          f"position {exc.start}); save it as UTF-8") from None
+    return parse_yaml(text, f"{what} {path}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The settings of a YAML config file, keys normalised (``batch-size`` -> ``batch_size``)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    raw = read_yaml_file(path, "config file")
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -160,12 +235,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return settings
 
 
+_CONTAINERS = (Mapping, list, tuple, set, frozenset, bytes, bytearray)
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """``value`` in the type of the field ``name`` (YAML and the CLI give strings, ints...)."""
-    if value is None:
-        return None
     annotation = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise ConfigError(f"setting {name!r} must be of type {annotation}, got None; leave it "
+                          f"out for the default ({default!r})")
     try:
+        if isinstance(value, (bytes, bytearray, set, frozenset)):
+            raise ValueError
         if "bool" in annotation:
             if isinstance(value, str):
                 lowered = value.strip().lower()
@@ -174,11 +257,15 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
                 if lowered in ("false", "no", "0", "off"):
                     return False
                 raise ValueError
-            if not isinstance(value, (bool, int)):
+            if not isinstance(value, bool) and value not in (0, 1):
                 raise ValueError
             return bool(value)
         if annotation.startswith("list"):
+            if isinstance(value, Mapping):
+                raise ValueError
             items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+            if any(isinstance(v, _CONTAINERS) or isinstance(v, bool) for v in items):
+                raise ValueError
             item_type = float if "float" in annotation else str
             return [item_type(str(v).strip()) if item_type is str else item_type(v)
                     for v in items if str(v).strip() != ""]
@@ -186,6 +273,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             if not isinstance(value, Mapping):
                 raise ValueError
             return dict(value)
+        if isinstance(value, (Mapping, list, tuple)):
+            raise ValueError
         if "int" in annotation and "float" not in annotation:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -193,14 +282,16 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if "float" in annotation:
             if isinstance(value, bool):
                 raise ValueError
-            result = float(value)
-            if math.isnan(result):
-                raise ValueError
-            return result
+            return float(value)
+        if isinstance(value, bool):
+            raise ValueError
         return str(value)
+    except OverflowError:
+        raise ConfigError(f"setting {name!r} must be a finite number, got "
+                          f"{checks.shown(value)}") from None
     except (TypeError, ValueError):
         raise ConfigError(
-            f"setting {name!r} must be of type {annotation}, got {value!r}"
+            f"setting {name!r} must be of type {annotation}, got {checks.shown(value)}"
         ) from None
 
 
@@ -243,16 +334,25 @@ def check(config: TrainConfig) -> None:
     _require(c.data is not None, "no data set given: pass --data (e.g. --data fashion-mnist)")
     with _as_config_error():
         checks.fraction(c.density, "density", meaning="the fraction of weights kept")
-        checks.positive_real(c.width, "width", fix="width multiplies every hidden layer; 1 is "
-                             "the model's own size")
-        checks.positive_int(c.epochs, "epochs")
-        checks.positive_int(c.batch_size, "batch_size")
+        checks.choice(c.distribution, "distribution", DISTRIBUTIONS)
+        checks.real_in_range(c.width, "width", 0.0, MAX_WIDTH, low_open=True,
+                             fix=f"width multiplies every hidden layer; 1 is the model's own "
+                             f"size, and wider than {MAX_WIDTH:g} is too large to build")
+        for name in ("epochs", "batch_size", "lr_step_epochs", "delta_t", "prune_batches",
+                     "log_every"):
+            checks.positive_int(getattr(c, name), name, high=MAX_COUNT)
         checks.positive_real(c.lr, "lr")
-        checks.real_in_range(c.momentum, "momentum", 0.0)
+        checks.real_in_range(c.momentum, "momentum", 0.0, 1.0, high_open=True)
         checks.real_in_range(c.weight_decay, "weight_decay", 0.0)
-        checks.positive_real(c.lr_gamma, "lr_gamma")
-        checks.positive_int(c.lr_step_epochs, "lr_step_epochs")
-        checks.positive_int(c.delta_t, "delta_t")
+        checks.real_in_range(c.lr_gamma, "lr_gamma", 0.0, 1.0, low_open=True,
+                             meaning="the factor of the learning rate at each step or "
+                             "milestone")
+        for i, milestone in enumerate(c.lr_milestones):
+            checks.real_in_range(milestone, f"lr_milestones[{i}]", 0.0,
+                                 fix="give lr_milestones as fractions of training (<= 1) or "
+                                 "epochs, e.g. 0.5,0.75")
+        checks.fraction(c.alpha, "alpha", zero=True, meaning="the initial drop fraction")
+        checks.choice(c.drop_fraction_decay, "drop_fraction_decay", DROP_FRACTION_DECAYS)
         checks.fraction(c.t_end, "t_end", meaning="the fraction of training after which the "
                         "mask stops changing")
         checks.choice(c.optimizer, "optimizer", OPTIMIZERS)
@@ -261,20 +361,73 @@ def check(config: TrainConfig) -> None:
         checks.real_in_range(c.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
         checks.choice(c.prune_scope, "prune_scope", PRUNE_SCOPES)
         if c.prune_iterations is not None:
-            checks.positive_int(c.prune_iterations, "prune_iterations")
-        checks.positive_int(c.prune_batches, "prune_batches")
-        checks.non_negative_int(c.checkpoint_every, "checkpoint_every",
+            checks.positive_int(c.prune_iterations, "prune_iterations", high=MAX_COUNT)
+        checks.non_negative_int(c.checkpoint_every, "checkpoint_every", high=MAX_COUNT,
                                 fix="0 writes checkpoints at epoch ends only")
-        checks.positive_int(c.log_every, "log_every")
         if c.train_size is not None:
-            checks.positive_int(c.train_size, "train_size")
+            checks.positive_int(c.train_size, "train_size", high=MAX_COUNT)
+        checks.integer_in_range(c.seed, "seed", 0, MAX_SEED)
         checks.choice(c.backend, "backend", BACKENDS)
+        _check_method_options(c.method_options)
+        _check_data_options(c.data_options)
     _require(c.backend == "masked" or c.method not in ("dense", "small-dense"),
              f"backend 'csr' holds sparse weights; method {c.method!r} has none: use "
              "--backend masked")
-    _require(c.device in ("auto", "cpu") or c.device.startswith("cuda"),
-             f"device must be 'auto', 'cpu' or 'cuda[:N]', got {c.device!r}")
+    _require(DEVICE.fullmatch(c.device) is not None,
+             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N the number of a GPU, 0 to "
+             f"127), got {checks.shown(c.device)}; e.g. --device cuda:0")
+    for name in ("out", "runs_dir", "data_dir"):
+        _require("\0" not in (getattr(c, name) or ""),
+                 f"{name} must be a path, got {checks.shown(getattr(c, name))} (it holds a NUL "
+                 "character)")
+
+
+def _check_method_options(options: dict[str, Any]) -> None:
+    for key in options:
+        _require(isinstance(key, str) and key.isidentifier(),
+                 f"method_options must be named by keyword names, got {checks.shown(key)}; pass "
+                 "--method-option NAME=VALUE")
+    if "erk_power_scale" in options:
+        check_erk_power_scale(options["erk_power_scale"])
+
+
+def _check_data_options(options: dict[str, Any]) -> None:
+    """In general terms, as the data sets take different options: plain values, finite
+    numbers, counts and sizes up to ``MAX_DATA_NUMBER``, seeds in [0, ``MAX_SEED``]."""
+    for key, value in options.items():
+        _require(isinstance(key, str) and key.isidentifier(),
+                 f"data_options must be named by keyword names, got {checks.shown(key)}; pass "
+                 "--data-option NAME=VALUE")
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            name = f"data option {key}" + (f"[{i}]" if isinstance(value, list) else "")
+            _require(item is None or isinstance(item, (bool, str, int, float)),
+                     f"{name} must be a number, a string or a list of them, got "
+                     f"{checks.shown(value)}")
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if "seed" in key:
+                checks.integer_in_range(item, name, 0, MAX_SEED)
+                continue
+            checks.real_in_range(item, name)
+            _require(abs(item) <= MAX_DATA_NUMBER,
+                     f"{name} must be at most {MAX_DATA_NUMBER:,} in size, got "
+                     f"{checks.shown(item)}; data options are counts and sizes of data made in "
+                     "memory: give a smaller one")
+
+
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, writing a value met twice in full rather than as an alias, which
+    ``parse_yaml`` refuses."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    """The settings as the YAML text of ``config.yaml``, readable by ``load_yaml``."""
+    return yaml.dump(config.to_dict(), Dumper=_Dumper, sort_keys=False)
 
 
 def save_yaml(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path.write_text(dump_yaml(config))

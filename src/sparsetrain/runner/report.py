@@ -4,18 +4,21 @@
 ``summary.json``; folders without one are unfinished and listed as such) and writes
 ``report.md``, ``report.html`` and PNG plots: accuracy against density, accuracy against
 training FLOPs, learning curves, per-layer densities, and for the dynamic methods the fraction
-of weights ever active during training.
+of weights ever active during training. A run folder whose summary cannot be read or lacks
+what the report shows is a ``ConfigError`` that names the file.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import numbers
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from .config import ConfigError
 from .folder import SUMMARY, find_run_folders, is_run_folder, read_metrics, read_summary
 
 METHOD_ORDER = ["dense", "small-dense", "static", "snip", "grasp", "synflow", "set", "snfs",
@@ -35,9 +38,60 @@ def collect_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             folders.append(path)
         elif path.is_dir():
             folders += find_run_folders(path)
-    return [{"folder": run, "summary": read_summary(run),
-             "evals": [r for r in read_metrics(run) if r.get("kind") == "eval"]}
-            for run in dict.fromkeys(folders)]
+    return [_read_run(run) for run in dict.fromkeys(folders)]
+
+
+def _read_run(run: Path) -> dict[str, Any]:
+    path = run / SUMMARY
+    try:
+        summary = read_summary(run)
+        records = read_metrics(run)
+    except ConfigError:
+        raise  # it names the file already
+    except (OSError, ValueError) as exc:  # not UTF-8, not JSON, unreadable
+        raise ConfigError(f"cannot read the run folder {run}: {exc}; if {path} is broken, "
+                          f"delete it and run sparsetrain train --resume {run} to write it "
+                          "again") from None
+    if summary is not None:
+        problem = _summary_problem(summary)
+        if problem:
+            raise ConfigError(f"{path} is not a complete run summary ({problem}); delete it "
+                              f"and run sparsetrain train --resume {run} to write it again")
+    evals = [r for r in records if isinstance(r, dict) and r.get("kind") == "eval"
+             and _is_number(r.get("epoch")) and _is_number(r.get("test_accuracy"))]
+    return {"folder": run, "summary": summary, "evals": evals}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _summary_problem(summary: Any) -> str | None:
+    """What the report cannot use in ``summary``, or ``None``."""
+    if not isinstance(summary, dict):
+        return f"a JSON object is expected, not a {type(summary).__name__}"
+    for key in ("test_accuracy", "density"):
+        if not _is_number(summary.get(key)):
+            return f"{key!r} is missing or not a number"
+    for key in ("train_flops_vs_dense", "inference_flops_vs_dense"):
+        if summary.get(key) is not None and not _is_number(summary[key]):
+            return f"{key!r} is not a number"
+    if not isinstance(summary.get("method"), str):
+        return "'method' is missing or not a string"
+    for key in ("model", "data"):
+        if not isinstance(summary.get(key, ""), str):
+            return f"{key!r} is not a string"
+    config = summary.get("config", {})
+    if not isinstance(config, dict):
+        return "'config' is not a mapping"
+    if not isinstance(config.get("distribution", ""), str):
+        return "'config' has a 'distribution' that is not a string"
+    if not _is_number(config.get("density", 0.0)):
+        return "'config' has a 'density' that is not a number"
+    layers = summary.get("layer_densities", {})
+    if not isinstance(layers, dict) or not all(_is_number(v) for v in layers.values()):
+        return "'layer_densities' is not a mapping of layer names to numbers"
+    return None
 
 
 def _key(summary: dict[str, Any]) -> tuple[str, str, str, float]:
@@ -189,12 +243,15 @@ def _plot_layer_densities(runs, path: Path) -> bool:
     for s in finished:
         if _key(s)[3] == lowest:
             chosen.setdefault(s["method"], s)
-    layers = list(next(iter(chosen.values()))["layer_densities"])
+    layers = list(next(iter(chosen.values())).get("layer_densities", {}))
+    if not layers:
+        return False
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(layers) + 2), 4))
     width = 0.8 / len(chosen)
     for i, (method, s) in enumerate(sorted(chosen.items(), key=lambda kv: _method_rank(kv[0]))):
         ax.bar([j + i * width for j in range(len(layers))],
-               [s["layer_densities"].get(n, math.nan) for n in layers], width, label=method)
+               [s.get("layer_densities", {}).get(n, math.nan) for n in layers], width,
+               label=method)
     ax.set_xticks([j + width * (len(chosen) - 1) / 2 for j in range(len(layers))])
     ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=8)
     ax.set_yscale("log")
@@ -212,7 +269,8 @@ def _plot_ever_active(runs, path: Path) -> bool:
         s = run["summary"]
         if s is None or s["method"] not in DYNAMIC:
             continue
-        points = [(e["epoch"], e["ever_active"]) for e in run["evals"] if "ever_active" in e]
+        points = [(e["epoch"], e["ever_active"]) for e in run["evals"]
+                  if _is_number(e.get("ever_active"))]
         if points:
             curves.append((f"{s['method']} at {_key(s)[3]:.3g}", points))
     if not curves:

@@ -5,7 +5,7 @@ RigL paper, Section 3 ("Sparsity distribution") and ``shared/spec/algorithms.md`
 - ``uniform``: every sparsified layer gets the target density ``d``.
 - ``er`` (Erdős-Rényi): layer l's raw density is ``(n_in + n_out) / (n_in * n_out)``.
 - ``erk`` (Erdős-Rényi-Kernel): ``sum(shape) / prod(shape)``, kernel dimensions included,
-  optionally raised to ``erk_power_scale``.
+  optionally raised to ``erk_power_scale`` in [0, 1] (0: uniform, 1: ERK itself).
 - a ``dict`` name -> density: a custom map, used as given.
 
 ER and ERK scale the raw densities by one ``eps`` so that
@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
+from .. import checks
 from .targets import find_targets, partition
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
@@ -39,6 +40,14 @@ def check_density(density: float, name: str = "density") -> float:
             f"for 90% sparsity pass {name}=0.1"
         )
     return value
+
+
+def check_erk_power_scale(power: float, name: str = "erk_power_scale") -> float:
+    """Return ``power`` as float, or raise ``ValueError`` unless it is a number in [0, 1]
+    (NaN made the ERK solve loop forever, infinity divide by zero)."""
+    return checks.real_in_range(power, name, 0.0, 1.0, meaning="the power of the ERK raw "
+                                "densities: 0 is uniform, 1 is ERK",
+                                fix=f"give {name} a number in [0, 1], e.g. 1.0 (the default)")
 
 
 def _raw_density(shape: Sequence[int], distribution: str, power: float) -> float:
@@ -79,6 +88,7 @@ def densities_for_shapes(
 ) -> dict[str, float]:
     """Per-layer densities of the tensors ``shapes`` (name -> shape) for global ``density``."""
     density = check_density(density)
+    power = check_erk_power_scale(erk_power_scale)
     if isinstance(distribution, Mapping):
         unknown = sorted(set(distribution) - set(shapes))
         missing = sorted(set(shapes) - set(distribution))
@@ -95,7 +105,7 @@ def densities_for_shapes(
         )
     if distribution == "uniform" or density == 1.0:
         return {n: density for n in shapes}
-    return _scaled_densities(shapes, density, distribution, float(erk_power_scale))
+    return _scaled_densities(shapes, density, distribution, power)
 
 
 def layer_densities(
@@ -112,6 +122,7 @@ def layer_densities(
     ``erk`` the non-zeros of the other weights add up to ``density`` times their total.
     """
     density = check_density(density)
+    check_erk_power_scale(erk_power_scale)
     sparse, dense = partition(model, dense_layers)
     result = densities_for_shapes(
         {t.name: tuple(t.shape) for t in sparse},
