@@ -32,7 +32,8 @@ def _fail(name: str, expected: str, value: Any, fix: str | None, default_fix: st
     raise ValueError(f"{name} must be {expected}, got {shown(value)}; {fix or default_fix}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer (a Python or numpy one; bools are not)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -40,24 +41,28 @@ def _at_most(high: int | None) -> str:
     return "" if high is None else f" (at most {high})"
 
 
+def _int_from(value: Any, name: str, low: int, what: str, high: int | None,
+              fix: str | None) -> int:
+    """``value`` as an ``int`` if it is an integer >= ``low`` and, given ``high``, <= ``high``
+    (bools are refused); ``what`` names that range in the message."""
+    if not is_int(value) or value < low or (high is not None and value > high):
+        _fail(name, what + _at_most(high), value, fix,
+              f"give {name} a whole number of {low} or more{_at_most(high)}")
+    return int(value)
+
+
 def positive_int(value: Any, name: str, *, high: int | None = None,
                  fix: str | None = None) -> int:
     """``value`` as an ``int`` if it is an integer >= 1 and, given ``high``, <= ``high``
     (bools are refused)."""
-    if not _is_int(value) or value < 1 or (high is not None and value > high):
-        _fail(name, "a positive integer" + _at_most(high), value, fix,
-              f"give {name} a whole number of 1 or more{_at_most(high)}")
-    return int(value)
+    return _int_from(value, name, 1, "a positive integer", high, fix)
 
 
 def non_negative_int(value: Any, name: str, *, high: int | None = None,
                      fix: str | None = None) -> int:
     """``value`` as an ``int`` if it is an integer >= 0 and, given ``high``, <= ``high``
     (bools are refused)."""
-    if not _is_int(value) or value < 0 or (high is not None and value > high):
-        _fail(name, "a non-negative integer" + _at_most(high), value, fix,
-              f"give {name} a whole number of 0 or more{_at_most(high)}")
-    return int(value)
+    return _int_from(value, name, 0, "a non-negative integer", high, fix)
 
 
 def integer_in_range(value: Any, name: str, low: int, high: int, *,
@@ -65,7 +70,7 @@ def integer_in_range(value: Any, name: str, low: int, high: int, *,
     """``value`` as an ``int`` if it is an integer in [``low``, ``high``] (bools are refused),
     e.g. a seed, which torch takes only within 64 bits."""
     interval = f"[{low}, {high}]"
-    if not _is_int(value) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         _fail(name, f"a whole number in {interval}", value, fix,
               f"give {name} a whole number in {interval}")
     return int(value)
@@ -145,6 +150,6 @@ def boolean(value: Any, name: str, *, fix: str | None = None) -> bool:
 
 def integer(value: Any, name: str, *, fix: str | None = None) -> int:
     """``value`` as an ``int`` if it is an integer of any sign (bools are refused)."""
-    if not _is_int(value):
+    if not is_int(value):
         _fail(name, "an integer", value, fix, f"give {name} a whole number")
     return int(value)

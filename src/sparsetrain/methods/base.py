@@ -11,7 +11,6 @@ data-parallel rank makes the same choices.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -54,10 +53,6 @@ STATE_KEYS = ("method", "step_count", "positions", "ever_active", "config", "met
 OLD_STATE_KEYS = ("method", "step_count", "masks", "config", "method_state")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _same(a: Any, b: Any) -> bool:
     """``a == b`` for plain values; False where the comparison is not a plain truth value."""
     try:
@@ -98,6 +93,7 @@ class Sparsifier:
     Subclasses set their own settings, then call ``Sparsifier.__init__``, and override:
 
     - ``is_update_step(t)`` and ``update_topology(t)``: when and how the active sets change;
+    - ``drop_scores(name)``: which active weights an update drops or prunes (``|W|``);
     - ``observe_gradients()``: called every step with the dense gradients in place;
     - ``training_flops(f_dense, f_sparse, delta_t=...)``: training FLOPs per example and step;
     - ``requires`` (backend capabilities) and ``update_reads_gradient`` (whether an update's
@@ -154,6 +150,11 @@ class Sparsifier:
         return [n for n, b in BACKENDS.items() if cls.requires <= b.capabilities]
 
     # --- what the methods override ----------------------------------------------------------
+    def drop_scores(self, name: str) -> torch.Tensor:
+        """One score per active weight of ``name``, in ``active_positions(name)`` order: the
+        lowest are dropped (or pruned). ``|W|`` by default."""
+        return self.backend.active_values(name).abs()
+
     def initial_densities(self, final: Mapping[str, float]) -> Mapping[str, float]:
         """The layer densities to start from, given the distribution's (final) ones."""
         return final
@@ -354,7 +355,7 @@ class Sparsifier:
                              f"sparsifier is {self.method_name!r}; load it into a sparsifier "
                              "of that method")
         step = state["step_count"]
-        if not _is_int(step) or not 0 <= step <= self.total_steps:
+        if not checks.is_int(step) or not 0 <= step <= self.total_steps:
             raise ValueError(f"the state_dict's step_count must be an integer in [0, "
                              f"{self.total_steps}] (total_steps of this sparsifier), got "
                              f"{_brief(step)}; load a state saved by a run of the same length")
@@ -380,7 +381,7 @@ class Sparsifier:
         ever = ({} if state.get("ever_active") is None
                 else validate_masks(state["ever_active"], shapes, None, "ever_active"))
         seed = state["config"].get("seed", self.seed)
-        if not _is_int(seed):
+        if not checks.is_int(seed):
             raise ValueError(f"the state_dict's config['seed'] must be an integer, got "
                              f"{_brief(seed)}; pass the config that state_dict() saved")
         self.check_method_state(state["method_state"])

@@ -94,10 +94,6 @@ class DynamicSparsifier(Sparsifier):
                          seed=seed, backend=backend, erk_power_scale=erk_power_scale)
 
     # --- the rules --------------------------------------------------------------------------
-    def drop_scores(self, name: str) -> torch.Tensor:
-        """``|W|`` of every active weight of ``name`` (the smallest are dropped)."""
-        return self.backend.active_values(name).abs()
-
     def grow_scores(self, block: Block) -> torch.Tensor:
         """A score of every position of ``block`` (the largest outside the kept set grow)."""
         raise NotImplementedError(f"{type(self).__name__} does not grow connections")

@@ -177,10 +177,6 @@ class GMP(Sparsifier):
         )
 
     # --- training -------------------------------------------------------------------------
-    def drop_scores(self, name: str) -> torch.Tensor:
-        """``|W|`` of every active weight of ``name`` (the smallest are pruned)."""
-        return self.backend.active_values(name).abs()
-
     def update_topology(self, t: int) -> None:
         """Keep the ``target_counts(t)`` active weights of largest ``|W|`` in every layer."""
         targets = self.target_counts(t)

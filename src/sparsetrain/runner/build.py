@@ -26,6 +26,7 @@ from ..methods import get_method, make_sparsifier
 from ..methods.dst import Static
 from ..models import build_model
 from ..pruning import prune_at_init, small_dense_width
+from ..sparsity.masks import density_mismatch, validate_masks
 from ..sparsity.targets import partition
 from . import folder
 from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig
@@ -180,14 +181,18 @@ def _saved_pruned_masks(checkpoint: dict[str, Any], model: nn.Module, density: f
     keep the configured density (to a weight per layer, the pruning's rounding)."""
     saved = saved_active_sets(checkpoint.get("sparsifier"))
     params = dict(model.named_parameters())
-    if not saved or not all(torch.is_tensor(m) and n in params for n, m in saved.items()):
+    if not saved or not all(n in params for n in saved):
         return saved  # the sparsifier says what is wrong when it loads the state
-    active = sum(int(m.count_nonzero()) if m.dtype == torch.bool else m.numel()
-                 for m in saved.values())
-    total = sum(params[n].numel() for n in saved)
-    if abs(active - density * total) > len(saved):
-        raise ConfigError(f"the checkpoint's masks keep {active} of {total} weights, not the "
-                          f"run's density {density}; it was altered or is of another run")
+    shapes = {n: tuple(params[n].shape) for n in saved}
+    try:
+        positions = validate_masks(saved, shapes, None)
+    except ValueError:
+        return saved  # likewise
+    mismatch = density_mismatch(positions, shapes, density)
+    if mismatch is not None:
+        raise ConfigError(f"the checkpoint's masks keep {mismatch[0]} of {mismatch[1]} weights, "
+                          f"not the run's density {density}; it was altered or is of another "
+                          "run")
     return saved
 
 

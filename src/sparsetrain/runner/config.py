@@ -427,7 +427,3 @@ class _Dumper(yaml.SafeDumper):
 def dump_yaml(config: TrainConfig) -> str:
     """The settings as the YAML text of ``config.yaml``, readable by ``load_yaml``."""
     return yaml.dump(config.to_dict(), Dumper=_Dumper, sort_keys=False)
-
-
-def save_yaml(config: TrainConfig, path: Path) -> None:
-    path.write_text(dump_yaml(config))

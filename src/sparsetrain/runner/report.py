@@ -46,9 +46,7 @@ def _read_run(run: Path) -> dict[str, Any]:
     try:
         summary = read_summary(run)
         records = read_metrics(run)
-    except ConfigError:
-        raise  # it names the file already
-    except (OSError, ValueError) as exc:  # not UTF-8, not JSON, unreadable
+    except OSError as exc:  # unreadable (a broken summary is a RunFolderError naming it)
         raise ConfigError(f"cannot read the run folder {run}: {exc}; if {path} is broken, "
                           f"delete it and run sparsetrain train --resume {run} to write it "
                           "again") from None

@@ -90,13 +90,22 @@ def validate_masks(masks: Mapping[str, torch.Tensor], shapes: Mapping[str, Seque
         if positions.numel() == 0:
             raise ValueError(f"{entry} has no active weight; keep at least one")
         result[name] = positions
-    if density is not None:
-        total = sum(math.prod(s) for s in shapes.values())
-        active = sum(p.numel() for p in result.values())
-        if abs(active - density * total) > len(names):
-            warnings.warn(
-                f"the given masks keep {active / total:.4f} of the sparsified weights, not the "
-                f"density {density}; the masks are used as given",
-                stacklevel=3,
-            )
+    mismatch = None if density is None else density_mismatch(result, shapes, density)
+    if mismatch is not None:
+        active, total = mismatch
+        warnings.warn(
+            f"the given masks keep {active / total:.4f} of the sparsified weights, not the "
+            f"density {density}; the masks are used as given",
+            stacklevel=3,
+        )
     return result
+
+
+def density_mismatch(positions: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]],
+                     density: float) -> tuple[int, int] | None:
+    """``(active, total)`` weights when the active sets ``positions`` do not keep ``density`` of
+    the weights of ``shapes`` (to one weight per layer, the rounding of per-layer counts), else
+    ``None``."""
+    total = sum(math.prod(s) for s in shapes.values())
+    active = sum(p.numel() for p in positions.values())
+    return None if abs(active - density * total) <= len(shapes) else (active, total)
