@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 import sparsetrain as st
-from sparsetrain.models import available_models, build_model, count_parameters
+from sparsetrain.models import (available_models, build_model, count_parameters, example_input,
+                                model_inputs)
 
-SMALL = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28)}
+SMALL = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "gpt-mini": (16,)}
 
 # Published parameter counts of the standard configurations (tolerance: relative).
 PUBLISHED = [
@@ -31,8 +32,9 @@ def shape_of(name):
 def test_forward_backward(name):
     torch.manual_seed(0)
     model = build_model(name, num_classes=7, input_shape=shape_of(name))
-    out = model(torch.randn(2, *shape_of(name)))
-    assert out.shape == (2, 7)
+    out = model(example_input(name, shape_of(name), num_classes=7))
+    per_position = shape_of(name) if model_inputs(name) == "tokens" else ()
+    assert out.shape == (2, *per_position, 7)
     out.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"no gradient reaches {missing}"
@@ -46,7 +48,7 @@ def test_width_and_targets(name):
     targets = st.find_targets(full)
     kinds = {type(m) for m in full.modules() if any(m.weight is t.param for t in targets
                                                     if hasattr(m, "weight"))}
-    assert kinds <= {nn.Conv2d, nn.Linear} and kinds
+    assert kinds <= {nn.Conv2d, nn.Linear, nn.Embedding} and kinds
     assert not any(isinstance(m, nn.BatchNorm2d) and any(m.weight is t.param for t in targets)
                    for m in full.modules())
     assert count_parameters(full, sparsifiable_only=True) == sum(t.numel for t in targets)
@@ -92,3 +94,21 @@ def test_bad_arguments(kwargs, match):
 def test_lenet5_smallest_input_runs():
     model = build_model("lenet5", input_shape=(1, 16, 16))
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_gpt_mini_is_causal_and_checks_its_input():
+    torch.manual_seed(0)
+    model = build_model("gpt-mini", num_classes=256, input_shape=(12,), width=0.25).eval()
+    x = torch.randint(0, 256, (3, 12))
+    y = x.clone()
+    y[:, 7:] = (y[:, 7:] + 1) % 256  # change only the later tokens
+    with torch.no_grad():
+        assert torch.allclose(model(x)[:, :7], model(y)[:, :7], atol=1e-6)
+        assert not torch.allclose(model(x)[:, 7:], model(y)[:, 7:])
+        assert model(x[:, :5]).shape == (3, 5, 256)  # shorter sequences too
+    with pytest.raises(ValueError, match="at most 12 tokens"):
+        model(torch.randint(0, 256, (1, 13)))
+    with pytest.raises(ValueError, match="token indices"):
+        model(torch.randn(1, 12))
+    with pytest.raises(ValueError, match=r"input_shape must be \(context,\)"):
+        build_model("gpt-mini", input_shape=(3, 32, 32))

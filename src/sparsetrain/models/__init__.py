@@ -13,28 +13,56 @@ network, as the RigL paper's Big-Sparse and small-dense models need.
 | `wrn-22-2` | Wide ResNet 22-2, pre-activation blocks | `conv1` | `fc` |
 | `mobilenet-v1`, `mobilenet-v2` | MobileNets with CIFAR stems (stride-1 first conv) | `conv1` | `fc` |
 | `resnet18`, `resnet50` | ImageNet ResNets (7x7 stride-2 stem, max-pool) | `conv1` | `fc` |
+| `gpt-mini` | 4-block GPT of `nn.Linear` layers for byte-level text (`num_classes` = vocabulary, `input_shape` = `(context,)`) | `wte` | `head` |
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 from torch import nn
 
 from ..sparsity.targets import find_targets
 from . import zoo
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_INPUTS: dict[str, str] = {}
+#: What a model reads: ``"features"`` (float tensors of ``input_shape``, e.g. images) or
+#: ``"tokens"`` (int64 indices below ``num_classes``, ``input_shape = (context,)``, one output
+#: per position).
+INPUT_KINDS = ("features", "tokens")
 
 
-def register_model(name: str):
-    """Decorator: register ``factory(num_classes, input_shape, width) -> nn.Module``."""
+def register_model(name: str, inputs: str = "features"):
+    """Decorator: register ``factory(num_classes, input_shape, width) -> nn.Module`` reading
+    ``inputs`` (one of ``INPUT_KINDS``)."""
+    if inputs not in INPUT_KINDS:
+        raise ValueError(f"inputs must be one of {INPUT_KINDS}, got {inputs!r}")
+
     def decorator(factory):
         if name in _MODELS:
             raise ValueError(f"a model named {name!r} is already registered")
         _MODELS[name] = factory
+        _INPUTS[name] = inputs
         return factory
     return decorator
+
+
+def model_inputs(name: str) -> str:
+    """What the model registered as ``name`` reads: ``"features"`` or ``"tokens"``."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; the models are: {', '.join(available_models())}")
+    return _INPUTS[name]
+
+
+def example_input(name: str, input_shape: Sequence[int], num_classes: int = 10,
+                  batch: int = 2) -> torch.Tensor:
+    """A random batch the model registered as ``name`` accepts (for tests and FLOPs)."""
+    shape = (batch, *(int(s) for s in input_shape))
+    if model_inputs(name) == "tokens":
+        return torch.randint(0, num_classes, shape)
+    return torch.randn(shape)
 
 
 def available_models() -> list[str]:
@@ -69,6 +97,7 @@ def count_parameters(model: nn.Module, *, sparsifiable_only: bool = False) -> in
 
 
 for _name, _factory in zoo.FACTORIES.items():
-    register_model(_name)(_factory)
+    register_model(_name, "tokens" if _name in zoo.TOKEN_MODELS else "features")(_factory)
 
-__all__ = ["available_models", "build_model", "count_parameters", "register_model"]
+__all__ = ["INPUT_KINDS", "available_models", "build_model", "count_parameters",
+           "example_input", "model_inputs", "register_model"]

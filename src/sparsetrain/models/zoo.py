@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .gpt import GPTMini
+
 
 def _ch(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
@@ -314,6 +316,7 @@ def _cifar_resnet(depth):
 
 FACTORIES = {
     "lenet300": LeNet300,
+    "gpt-mini": GPTMini,
     "lenet5": LeNet5,
     **{name: (lambda plan: lambda **kw: VGG(plan, **kw))(plan) for name, plan in _VGG.items()},
     "resnet20": _cifar_resnet(20),
@@ -327,3 +330,5 @@ FACTORIES = {
     "resnet50": lambda **kw: ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512],
                                     imagenet=True, **kw),
 }
+#: The models that read token indices (see ``models.model_inputs``).
+TOKEN_MODELS = ("gpt-mini",)
