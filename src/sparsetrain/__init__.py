@@ -39,7 +39,7 @@ from .pruning import (
 )
 from .sparsity.distributions import DISTRIBUTIONS, densities_for_shapes, layer_densities
 from .sparsity.schedules import drop_fraction
-from .sparsity.targets import find_targets
+from .sparsity.targets import find_targets, register_weight_layout
 
 __version__ = "0.1.0"
 
@@ -74,6 +74,7 @@ __all__ = [
     "prune_at_init",
     "pruning_scores",
     "register_method",
+    "register_weight_layout",
     "run_lottery_ticket",
     "small_dense_width",
     "sparse_param_count",

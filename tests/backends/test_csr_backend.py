@@ -239,8 +239,14 @@ def test_bad_input():
         st.RigL(model, opt, density=0.1, total_steps=10, backend="sparse")
     convs = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3))
     opt = torch.optim.SGD(convs.parameters(), lr=0.1)
-    with pytest.warns(RuntimeWarning, match="no sparsified weight is a plain nn.Linear"):
+    with pytest.warns(RuntimeWarning, match=r"none of the sparsified weights is one \(0.weight, "
+                      r"1.weight: in a Conv2d module, not a plain nn.Linear\)"):
         st.Static(convs, opt, density=0.5, total_steps=10, backend="csr")
+    tied = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8, bias=False))
+    tied[1].weight = tied[0].weight
+    opt = torch.optim.SGD(tied.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"0.weight: tied \(also the weight of 1\)"):
+        st.Static(tied, opt, density=0.5, total_steps=10, backend="csr")
     wide = nn.Sequential(nn.Linear(4, 50))
     opt = torch.optim.SGD(wide.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="have no active weight"):

@@ -21,33 +21,40 @@ def build(method, seed=0, backend="masked"):
     return model, opt, sp
 
 
-@pytest.mark.parametrize("split", [13, 15])  # 15: saved the step before an update (at 16)
+
+def window(sp):
+    """Every step of a window around an update (at 16 for delta_t = 4): saved three and two
+    steps before it, the step before (the coming step's gradient must be recorded), at it, and
+    two steps after it. Around step 16 for a method that never updates."""
+    update = next((t for t in range(14, STEPS) if sp.is_update_step(t)), 16)
+    return range(update - 3, update + 3)
+
+
 @pytest.mark.parametrize("method,backend", PAIRS)
-def test_resume_is_exact(method, backend, split, tmp_path):
-    SPLIT = split
+def test_resume_is_exact_at_every_step_around_an_update(method, backend, tmp_path):
     data = batches(STEPS)
     model, opt, sp = build(method, backend=backend)
     for x, y in data:
         train_step(model, opt, sp, x, y)
+    for split in window(sp):
+        model_a, opt_a, sp_a = build(method, backend=backend)
+        for x, y in data[:split]:
+            train_step(model_a, opt_a, sp_a, x, y)
+        checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", model_a, opt_a, sp_a)
+        model_b, opt_b, sp_b = build(method, seed=123, backend=backend)  # the saved seed wins
+        model_b.load_state_dict(checkpoint["model"])
+        opt_b.load_state_dict(checkpoint["optimizer"])
+        with pytest.warns(UserWarning, match="seed"):
+            sp_b.load_state_dict(checkpoint["sparsifier"])
+        assert sp_b.step_count == split
+        for x, y in data[split:]:
+            train_step(model_b, opt_b, sp_b, x, y)
 
-    model_a, opt_a, sp_a = build(method, backend=backend)
-    for x, y in data[:SPLIT]:
-        train_step(model_a, opt_a, sp_a, x, y)
-    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", model_a, opt_a, sp_a)
-    model_b, opt_b, sp_b = build(method, seed=123, backend=backend)  # the saved seed wins
-    model_b.load_state_dict(checkpoint["model"])
-    opt_b.load_state_dict(checkpoint["optimizer"])
-    with pytest.warns(UserWarning, match="seed"):
-        sp_b.load_state_dict(checkpoint["sparsifier"])
-    assert sp_b.step_count == SPLIT
-    for x, y in data[SPLIT:]:
-        train_step(model_b, opt_b, sp_b, x, y)
-
-    for name in sp.masks:
-        assert torch.equal(sp.masks[name], sp_b.masks[name]), name
-    for (name, p), p_b in zip(model.named_parameters(), model_b.parameters()):
-        assert torch.equal(p, p_b), name
-    assert sp.ever_active_fraction() == sp_b.ever_active_fraction()
+        for name in sp.masks:
+            assert torch.equal(sp.masks[name], sp_b.masks[name]), f"{name}, saved at {split}"
+        for (name, p), p_b in zip(model.named_parameters(), model_b.parameters()):
+            assert torch.equal(p, p_b), f"{name}, saved at step {split}"
+        assert sp.ever_active_fraction() == sp_b.ever_active_fraction()
 
 
 def test_state_dict_is_plain_data(model):

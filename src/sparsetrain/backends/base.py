@@ -19,6 +19,9 @@ run on:
   ``"dense_gradient_every_step"``);
 - ``prepare_step(keep_gradient)``: whether the coming step's dense gradient feeds a topology
   update, so the backend keeps it (a compact layer records its input and output gradient);
+- ``gradient_parameter(name)``: the parameter whose ``.grad`` holds ``name``'s gradient, and
+  ``active_gradient(name)``: that gradient at the active positions, in their order (for
+  clipping by the norm of the active gradients);
 - ``mask_gradients()`` before the optimizer step, ``after_optimizer_step()`` after it (on every
   step, also where an update replaces the optimizer step): inactive weights and their optimizer
   state are set to exactly zero by selection, whatever they held (NaN and inf included);

@@ -20,28 +20,40 @@ def parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return found
 
 
-def eligible_linears(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[nn.Module, str]]:
-    """Weight name -> (parent, attribute) for the weights in ``names`` that a CSR layer can
-    hold: the ``weight`` of a plain ``nn.Linear`` reached through one parent, its weight not
-    shared with another module, with no hooks or parametrizations on the layer."""
+def csr_eligibility(model: nn.Module, names: Iterable[str]) -> dict[str, str | tuple]:
+    """For each weight in ``names``: ``(parent, attribute)`` of its module where a CSR layer can
+    hold it (the ``weight`` of a plain ``nn.Linear`` reached through one parent, not shared with
+    another module, with no hooks or parametrizations), or the reason it cannot."""
     names = set(names)
     where = parents(model)
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    result = {}
+    owners: dict[int, list[str]] = {}
     for path, module in model.named_modules():
-        name = f"{path}.weight" if path else "weight"
-        if name not in names or type(module) is not nn.Linear:
-            continue
-        if len(where.get(id(module), [])) != 1 or owners.get(id(module.weight), 0) != 1:
-            continue
-        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "parametrizations", None) is not None):
-            continue
-        result[name] = where[id(module)][0]
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(path)
+    result: dict[str, str | tuple] = {}
+    for path, module in model.named_modules():
+        for attr, p in module.named_parameters(recurse=False):
+            name = f"{path}.{attr}" if path else attr
+            if name not in names or name in result:
+                continue
+            if len(owners.get(id(p), [])) != 1:
+                result[name] = f"tied (also the weight of {', '.join(owners[id(p)][1:])})"
+            elif type(module) is not nn.Linear or attr != "weight":
+                result[name] = f"in a {type(module).__name__} module, not a plain nn.Linear"
+            elif len(where.get(id(module), [])) != 1:
+                result[name] = "its module is reached through several parents"
+            elif (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                    or getattr(module, "parametrizations", None) is not None):
+                result[name] = "its module has hooks or parametrizations"
+            else:
+                result[name] = where[id(module)][0]
     return result
+
+
+def eligible_linears(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[nn.Module, str]]:
+    """Weight name -> (parent, attribute) for the weights in ``names`` that a CSR layer can
+    hold (see ``csr_eligibility``)."""
+    return {n: w for n, w in csr_eligibility(model, names).items() if isinstance(w, tuple)}
 
 
 def to_csr(model: nn.Module, masks: Mapping[str, torch.Tensor],

@@ -1,7 +1,7 @@
 """The CSR backend: eligible Linear layers become ``CSRLinear``, updated in their compact form.
 
 ``backend="csr"`` converts, in place, every sparsified plain ``nn.Linear`` of the model into a
-:class:`~sparsetrain.backends.csr.CSRLinear` (see :func:`~.conversion.eligible_linears`) and
+:class:`~sparsetrain.backends.csr.CSRLinear` (see :func:`~.conversion.csr_eligibility`) and
 hands the optimizer the layer's values parameter in place of the dense weight, with its state
 gathered at the active positions. Other sparsified weights (convolutions, embeddings, ...) stay
 masked-dense, in a :class:`~.masked.MaskedBackend` this backend delegates them to.
@@ -29,7 +29,7 @@ from .. import collectives
 from ..sparsity.positions import union_sorted
 from ..sparsity.targets import Target
 from .base import BLOCK_ELEMENTS, Block, row_blocks, unavailable
-from .conversion import eligible_linears
+from .conversion import csr_eligibility
 from .csr import CSRLinear, _default_init
 from .masked import MaskedBackend, flat_get
 from .optimizer_state import remap_state, state_tensors, swap_param
@@ -53,10 +53,18 @@ class CSRBackend:
         self.names = [t.name for t in targets]
         self.layer_index = {t.name: i for i, t in enumerate(targets)}
         self._shapes = {t.name: tuple(t.shape) for t in targets}
-        where = eligible_linears(model, self.names)
+        eligibility = csr_eligibility(model, self.names)
+        where = {n: w for n, w in eligibility.items() if isinstance(w, tuple)}
         if not where:
-            warnings.warn("backend='csr': no sparsified weight is a plain nn.Linear, so every "
-                          "layer stays on the masked backend", RuntimeWarning, stacklevel=4)
+            reasons: dict[str, list[str]] = {}
+            for n, w in eligibility.items():
+                reasons.setdefault(str(w), []).append(n)
+            why = "; ".join(", ".join(ns[:3]) + (f" and {len(ns) - 3} more" if len(ns) > 3
+                                                 else "") + f": {w}"
+                            for w, ns in reasons.items())
+            warnings.warn(f"backend='csr' converts plain nn.Linear weights only, and none of the "
+                          f"sparsified weights is one ({why}), so every layer stays on the "
+                          "masked backend", RuntimeWarning, stacklevel=4)
         wrong = [f"{n} ({t.param.dtype})" for t in targets for n in [t.name]
                  if n in where and t.param.dtype not in (torch.float32, torch.float64)]
         if wrong:
@@ -174,6 +182,17 @@ class CSRBackend:
         self._saved.clear()
         for layer in self.layers.values():
             layer.capture = [] if keep_gradient else None
+
+    def gradient_parameter(self, name: str) -> nn.Parameter:
+        if name not in self.layers:
+            return self.masked.gradient_parameter(name)
+        return self.layers[name].values
+
+    def active_gradient(self, name: str) -> torch.Tensor:
+        if name not in self.layers:
+            return self.masked.active_gradient(name)
+        values = self.layers[name].values
+        return values.grad if values.grad is not None else torch.zeros_like(values.detach())
 
     # --- scores ---------------------------------------------------------------------------
     def dense_gradient(self, name: str) -> torch.Tensor | None:

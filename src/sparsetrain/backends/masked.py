@@ -162,6 +162,18 @@ class MaskedBackend:
         self._gradient_masked = False
         self._kept.clear()
 
+    def gradient_parameter(self, name: str) -> torch.nn.Parameter:
+        """The parameter whose ``.grad`` holds the gradient of weight ``name``."""
+        return self.params[name]
+
+    def active_gradient(self, name: str) -> torch.Tensor:
+        """The gradient at the active positions (in their order); zeros if there is none."""
+        grad = self.params[name].grad
+        if grad is None:
+            return torch.zeros(self.n_active(name), dtype=self.params[name].dtype,
+                               device=self.params[name].device)
+        return flat_get(grad.to_dense() if grad.is_sparse else grad, self._positions[name])
+
     # --- scores ---------------------------------------------------------------------------
     def dense_gradient(self, name: str) -> torch.Tensor | None:
         """Gradient of the loss w.r.t. the effective weight at every position (inactive weights

@@ -11,6 +11,7 @@ data-parallel rank makes the same choices.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -20,10 +21,14 @@ from torch import nn
 from .. import checks
 from ..backends import get_backend
 from ..flops import sparse_training_flops
+from ..sparsity.coverage import Coverage, check_coverage, coverage
 from ..sparsity.distributions import check_density, densities_for_shapes
 from ..sparsity.masks import initial_active, validate_masks
 from ..sparsity.permutation import RandomOrder
 from ..sparsity.targets import Target, partition
+from . import loop
+
+LOG = logging.getLogger("sparsetrain")
 
 
 def _check_optimizer(optimizer: Any, targets: list[Target]) -> None:
@@ -109,7 +114,8 @@ class Sparsifier:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float,
                  total_steps: int, distribution: str | Mapping[str, float] = "erk",
                  dense_layers: Iterable[str] | str = (), masks: Mapping | None = None,
-                 seed: int = 0, backend: str = "masked", erk_power_scale: float = 1.0):
+                 seed: int = 0, backend: str = "masked", erk_power_scale: float = 1.0,
+                 sparsify_embeddings: bool = False):
         self.density = check_density(density)
         self.total_steps = checks.positive_int(total_steps, "total_steps")
         self.seed = checks.integer(seed, "seed")
@@ -117,10 +123,13 @@ class Sparsifier:
         self.erk_power_scale = float(erk_power_scale)
         self.dense_layers = ((dense_layers,) if isinstance(dense_layers, str)
                              else tuple(dense_layers))
+        self.sparsify_embeddings = bool(sparsify_embeddings)
         self.model = model
         self.optimizer = optimizer
-        sparse, dense = partition(model, self.dense_layers)
+        sparse, dense = partition(model, self.dense_layers,
+                                  sparsify_embeddings=self.sparsify_embeddings)
         self._dense_names = [t.name for t in dense]
+        self.coverage: Coverage = coverage(model, sparse, dense)
         _check_optimizer(optimizer, sparse)
         backend_class = get_backend(backend)
         missing = sorted(self.requires - backend_class.capabilities)
@@ -139,8 +148,19 @@ class Sparsifier:
         self.backend = backend_class(sparse, active, optimizer, model=model, seed=self.seed)
         self._index = {name: i for i, name in enumerate(self.backend.names)}
         self.step_count = 0
+        self._updating = False
+        self._hooks: list | None = None
         self.init_method_state()
         self._prepare_next_step()
+        check_coverage(self.coverage, type(self).__name__)
+        LOG.info("%s", self.summary())
+
+    def summary(self) -> str:
+        """One line: how many weights are sparsified, on which backend, and which weight
+        matrices stay dense and why (``dense_layers``, position embedding, unsupported module
+        type; tied weights count once)."""
+        return (f"{type(self).__name__} ({self.backend.name} backend) "
+                + self.coverage.line(self.density))
 
     @classmethod
     def supported_backends(cls) -> list[str]:
@@ -198,27 +218,109 @@ class Sparsifier:
         return {"density": self.density, "distribution": distribution_config(self.distribution),
                 "total_steps": self.total_steps, "dense_layers": list(self.dense_layers),
                 "seed": self.seed, "backend": self.backend.name,
-                "erk_power_scale": self.erk_power_scale}
+                "erk_power_scale": self.erk_power_scale,
+                "sparsify_embeddings": self.sparsify_embeddings}
 
     # --- the training step ----------------------------------------------------------------
-    def step(self, closure=None):
+    def step(self, closure=None, *, scaler=None):
         """The optimizer step, with the inactive weights kept at zero and the topology updated
         on schedule. Returns what ``optimizer.step`` returns, or ``None`` on an update step
-        that replaces it."""
-        self.step_count += 1
-        t = self.step_count
-        self.observe_gradients()
-        update = self.is_update_step(t)
-        loss = None
-        if not update or self.optimizer_step_on_update:
-            self.backend.mask_gradients()
-            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
-        self.backend.after_optimizer_step()  # also when an update replaces the optimizer step
-        if update:
-            with torch.no_grad():
-                self.update_topology(t)
-        self._prepare_next_step()
+        that replaces it.
+
+        With a ``torch.amp.GradScaler`` pass ``scaler=``: the gradients are unscaled (unless
+        they were), and a step the scaler skips for an inf or NaN is not counted and never
+        updates the topology. With gradient accumulation call it once per optimizer step,
+        after the last micro-batch: the update reads the accumulated gradient."""
+        if self._hooks is not None:  # the optimizer's hooks run the sparse step
+            return self._optimizer_step(closure, scaler)
+        if loop.skipped_by_scaler(scaler, self.optimizer):
+            scaler.step(self.optimizer)  # skips, and records it for scaler.update()
+            return None
+        run = self._begin_step()
+        loss = self._optimizer_step(closure, scaler) if run else None
+        self._end_step()
         return loss
+
+    def _optimizer_step(self, closure, scaler):
+        if scaler is not None and scaler.is_enabled():
+            if closure is not None:
+                raise ValueError("a closure cannot be used with a GradScaler (torch does not "
+                                 "support it); call step(scaler=scaler) without one")
+            return scaler.step(self.optimizer)
+        return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+
+    def _begin_step(self) -> bool:
+        """Count the step, let the method see the gradients, and mask them unless an update
+        replaces the optimizer step; returns whether the optimizer step runs."""
+        self.step_count += 1
+        self.observe_gradients()
+        self._updating = self.is_update_step(self.step_count)
+        run = not self._updating or self.optimizer_step_on_update
+        if run:
+            self.backend.mask_gradients()
+        return run
+
+    def _end_step(self) -> None:
+        self.backend.after_optimizer_step()  # also when an update replaces the optimizer step
+        if self._updating:
+            with torch.no_grad():
+                self.update_topology(self.step_count)
+            self._updating = False
+        self._prepare_next_step()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, *, scaler=None,
+                        parameters: Iterable[torch.Tensor] | None = None,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Clip the gradients by the norm of the *active* ones, as ``clip_grad_norm_`` does;
+        returns that norm before clipping. Call it after the backward pass and before
+        ``step()``; with a ``GradScaler`` pass ``scaler=`` (it unscales the gradients first).
+
+        ``parameters``: those of the optimizer by default. Every gradient, the dense gradient
+        at inactive positions included, is scaled by the same factor, so an update that reads
+        gradients chooses as it would unclipped. Do not clip with
+        ``torch.nn.utils.clip_grad_norm_``: it counts the inactive gradients too."""
+        loop.unscale(scaler, self.optimizer)
+        if parameters is None:
+            seen: dict[int, torch.Tensor] = {}
+            for group in self.optimizer.param_groups:
+                seen.update((id(p), p) for p in group["params"])
+            params = list(seen.values())
+        else:
+            params = [parameters] if torch.is_tensor(parameters) else list(parameters)
+        return loop.clip_grad_norm(self.backend, params, max_norm, norm_type, error_if_nonfinite)
+
+    def hook_optimizer(self):
+        """Make every ``optimizer.step()`` a sparse step, whoever calls it (a training
+        framework, a ``GradScaler``): hooks on the optimizer mask the gradients before it and
+        keep the inactive weights at zero and update the topology after it. A step the scaler
+        skips never reaches the optimizer, so it is not counted. On an update that replaces
+        the optimizer step, the hooks clear the gradients so that the optimizer leaves every
+        weight as it is. ``sparsifier.step()`` then only steps the optimizer. Returns a handle
+        whose ``remove()`` takes the hooks off."""
+        if self._hooks is not None:
+            raise RuntimeError(f"{type(self).__name__}.hook_optimizer() was already called")
+
+        def before(optimizer, args, kwargs):
+            if not self._begin_step():
+                self.backend.mask_gradients()  # keeps the gradient the update reads
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+
+        def after(optimizer, args, kwargs):
+            self._end_step()
+
+        self._hooks = [self.optimizer.register_step_pre_hook(before),
+                       self.optimizer.register_step_post_hook(after)]
+        sparsifier = self
+
+        class Handle:
+            def remove(self):
+                for hook in sparsifier._hooks or []:
+                    hook.remove()
+                sparsifier._hooks = None
+
+        return Handle()
 
     def _prepare_next_step(self) -> None:
         """Tell the backend whether the coming step's dense gradient feeds an update."""
@@ -226,12 +328,11 @@ class Sparsifier:
                                   and self.is_update_step(self.step_count + 1))
 
     def mask_gradients(self) -> None:
-        """Zero the gradients of inactive weights now (e.g. before clipping gradients).
+        """Zero the gradients of inactive weights now.
 
-        ``step()`` does this itself; call it earlier only on steps whose update does not read
-        the dense gradient (``not sparsifier.is_update_step(t) or not
-        sparsifier.update_reads_gradient``).
-        """
+        ``step()`` does this itself, and ``clip_grad_norm_`` clips by the active gradients:
+        there is no need to call it. Calling it on a step whose update reads the dense
+        gradient (RigL) would leave that update nothing but ties to grow by."""
         self.backend.mask_gradients()
 
     def order(self, name: str, purpose: int, t: int | None = None) -> RandomOrder:
@@ -271,7 +372,8 @@ class Sparsifier:
         return result
 
     def overall_density(self) -> float:
-        """Active weights over all sparsified weights."""
+        """Active weights over all sparsified weights (not over the whole model: see
+        ``summary()`` and ``coverage`` for what is sparsified and what stays dense)."""
         b = self.backend
         return sum(b.n_active(n) for n in b.names) / sum(b.numel(n) for n in b.names)
 

@@ -28,7 +28,7 @@ from ..sparsity.permutation import GROW, RandomOrder
 from ..sparsity.schedules import drop_fraction, is_update_step
 from .base import Sparsifier
 from .registry import register_method
-from .update import descending_order, drop_and_grow
+from .update import descending_order, drop_and_grow, warn_if_blind
 
 
 class DynamicSparsifier(Sparsifier):
@@ -48,7 +48,8 @@ class DynamicSparsifier(Sparsifier):
     updates; ``alpha`` the initial drop fraction; ``drop_fraction_decay`` ``"cosine"``,
     ``"linear"`` or ``"constant"``; ``t_end`` the last step that may update (default
     ``0.75 * total_steps``); ``t_start`` updates come after it; ``dense_layers`` names or glob
-    patterns of weights kept dense; ``masks`` a dict name -> bool mask (or sorted flat
+    patterns of weights kept dense; ``sparsify_embeddings`` sparsify position embeddings too
+    (kept dense by default); ``masks`` a dict name -> bool mask (or sorted flat
     positions) that replaces the random initial active sets (the layer densities are then
     those of the masks); ``seed`` for every random choice; ``backend`` ``"masked"`` (dense
     weights times masks, any layer) or ``"csr"`` (every sparsified ``nn.Linear`` converted in
@@ -76,7 +77,8 @@ class DynamicSparsifier(Sparsifier):
                  t_end: int | None = None, dense_layers: Iterable[str] | str = (),
                  masks: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
                  backend: str = "masked", t_start: int = 0, erk_power_scale: float = 1.0,
-                 allow_regrowth: bool = True, optimizer_step_on_update: bool | None = None):
+                 allow_regrowth: bool = True, optimizer_step_on_update: bool | None = None,
+                 sparsify_embeddings: bool = False):
         self.delta_t = checks.positive_int(delta_t, "delta_t")
         self.alpha = checks.real_in_range(alpha, "alpha", 0.0, 1.0,
                                           meaning="the initial drop fraction")
@@ -91,7 +93,8 @@ class DynamicSparsifier(Sparsifier):
                                          else bool(optimizer_step_on_update))
         super().__init__(model, optimizer, density=density, total_steps=total_steps,
                          distribution=distribution, dense_layers=dense_layers, masks=masks,
-                         seed=seed, backend=backend, erk_power_scale=erk_power_scale)
+                         seed=seed, backend=backend, erk_power_scale=erk_power_scale,
+                         sparsify_embeddings=sparsify_embeddings)
 
     # --- the rules --------------------------------------------------------------------------
     def grow_scores(self, block: Block) -> torch.Tensor:
@@ -109,9 +112,11 @@ class DynamicSparsifier(Sparsifier):
 
     def update_topology(self, t: int) -> None:
         fraction = self.drop_fraction(t)
+        best = []
         for name in self.backend.names:
             n_drop = math.floor(fraction * self.backend.n_active(name))
-            drop_and_grow(self, name, n_drop, t, allow_regrowth=self.allow_regrowth)
+            best.append(drop_and_grow(self, name, n_drop, t, allow_regrowth=self.allow_regrowth))
+        warn_if_blind(self, best, t)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "delta_t": self.delta_t, "alpha": self.alpha,

@@ -85,7 +85,7 @@ class GMP(Sparsifier):
                  backend: str = "masked", initial_density: float = 1.0,
                  start_step: int | None = None, end_step: int | None = None,
                  frequency: int | None = None, erk_power_scale: float = 1.0,
-                 delta_t: int | None = None):
+                 delta_t: int | None = None, sparsify_embeddings: bool = False):
         self.initial_density = check_density(initial_density, "initial_density")
         if check_density(density) > self.initial_density:
             raise ValueError(
@@ -110,7 +110,8 @@ class GMP(Sparsifier):
                              f"({self.end_step}{default})")
         super().__init__(model, optimizer, density=density, total_steps=total_steps,
                          distribution=distribution, dense_layers=dense_layers, seed=seed,
-                         backend=backend, erk_power_scale=erk_power_scale)
+                         backend=backend, erk_power_scale=erk_power_scale,
+                         sparsify_embeddings=sparsify_embeddings)
 
     def initial_densities(self, final: Mapping[str, float]) -> Mapping[str, float]:
         self._final_density = dict(final)

@@ -12,6 +12,7 @@ is the same selection at O(n_drop) cost.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -61,16 +62,30 @@ def keep_largest(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | N
     return active[top_k(scores, n_keep, keys)]
 
 
-def grow_largest(sparsifier, name: str, k: int, closed: torch.Tensor,
-                 t: int) -> torch.Tensor | None:
+def _largest_outside(scores: torch.Tensor, lo: int, positions: torch.Tensor) -> float:
+    """The largest of the 1-D ``scores`` of positions ``lo, lo + 1, ...`` that are not in the
+    sorted ``positions`` (``-inf`` if every one is)."""
+    outside = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    outside[(positions - lo).to(scores.device)] = False
+    if not bool(outside.any()):
+        return -math.inf
+    return float(torch.where(outside, scores, scores.new_full((), -math.inf)).max())
+
+
+def grow_largest(sparsifier, name: str, k: int, closed: torch.Tensor, t: int,
+                 inactive_of: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, float | None]:
     """The ``k`` positions of ``name`` outside the sorted ``closed`` with the largest grow
-    score (sorted), or ``None`` if a score is not finite."""
+    score (sorted), or ``None`` if a score is not finite; and, given the sorted active set
+    ``inactive_of`` of before the update, the largest score outside it (``None`` for a random
+    order, which has no scores, or without ``inactive_of``)."""
     order_method = getattr(type(sparsifier).grow_scores, "descending_order", None)
     if order_method is not None:
-        return first_free(getattr(sparsifier, order_method)(name), k, closed)
+        return first_free(getattr(sparsifier, order_method)(name), k, closed), None
     backend = sparsifier.backend
     running = RunningTopK(k, sparsifier.order(name, GROW, t).rank)
     bounds = torch.tensor([0, 0], device=closed.device)
+    best = None if inactive_of is None else -math.inf
     for block in backend.blocks(name):
         scores = sparsifier.grow_scores(block)
         if scores.numel() != block.hi - block.lo:
@@ -79,29 +94,49 @@ def grow_largest(sparsifier, name: str, k: int, closed: torch.Tensor,
                              f"{tuple(scores.shape)}")
         flat = comparable(scores)
         if not _finite(flat):
-            return None
+            return None, None
         bounds[0], bounds[1] = block.lo, block.hi
+        if inactive_of is not None:
+            a, b = torch.searchsorted(inactive_of, bounds).tolist()
+            best = max(best, _largest_outside(flat, block.lo, inactive_of[a:b]))
         a, b = torch.searchsorted(closed, bounds).tolist()
         running.offer(flat.contiguous(), block.lo, (closed[a:b] - block.lo).to(flat.device))
-    return running.result().to(closed.device)
+    return running.result().to(closed.device), best
 
 
 def drop_and_grow(sparsifier, name: str, n_drop: int, t: int, *,
-                  allow_regrowth: bool = True) -> bool:
-    """Replace the ``n_drop`` weakest active weights of ``name`` by as many grown ones; returns
-    whether the active set was updated (``False``, with a warning, on non-finite scores)."""
+                  allow_regrowth: bool = True) -> float | None:
+    """Replace the ``n_drop`` weakest active weights of ``name`` by as many grown ones. Returns,
+    for a method whose scores read the gradient, the largest grow score of the positions
+    inactive before the update (``None`` where no score was computed: nothing to replace, a
+    random order, or non-finite scores, for which the update is skipped with a warning)."""
     backend = sparsifier.backend
     n_active, numel = backend.n_active(name), backend.numel(name)
     n_drop = max(0, min(int(n_drop), n_active, numel - n_active))
     if n_drop == 0:
-        return True
+        return None
     kept = keep_largest(sparsifier, name, n_active - n_drop, t)
-    grown = None
+    grown = best = None
     if kept is not None:
         closed = kept if allow_regrowth else backend.active_positions(name)
-        grown = grow_largest(sparsifier, name, n_drop, closed, t)
+        before = backend.active_positions(name) if sparsifier.update_reads_gradient else None
+        grown, best = grow_largest(sparsifier, name, n_drop, closed, t, before)
     if grown is None:
         warn_not_finite(sparsifier, name, t)
-        return False
+        return None
     backend.set_active(name, merge_sorted(kept, grown.to(kept.device))[0])
-    return True
+    return best
+
+
+def warn_if_blind(sparsifier, best_scores: list[float | None], t: int) -> None:
+    """Warn when an update that reads the dense gradient found it zero at every candidate
+    position of every layer: it grew by the tie order alone, as SET would."""
+    scores = [b for b in best_scores if b is not None]
+    if sparsifier.update_reads_gradient and scores and max(scores) == 0.0:
+        warnings.warn(
+            f"{type(sparsifier).__name__}: at update step {t} the dense gradient is zero at "
+            "every inactive position of every layer, so the weights grown were picked by the "
+            "tie order alone. Were the gradients masked or zeroed before step() (by "
+            "mask_gradients(), a hook, or clipping after masking)? Clip with "
+            "sparsifier.clip_grad_norm_() and let step() mask them.", RuntimeWarning,
+            stacklevel=4)
