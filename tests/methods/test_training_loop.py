@@ -176,21 +176,29 @@ def test_gradient_accumulation_is_one_big_batch(method, backend):
 @pytest.mark.parametrize("method,backend", PAIRS)
 def test_hooked_optimizer_is_the_same_run(method, backend):
     runs = []
-    for hooked in (False, True):
+    for way in ("step", "hooked", "hooked-closure"):
         model, opt, sp = build(method, backend, delta_t=3)
-        if hooked:
+        if way != "step":
             handle = sp.hook_optimizer()
         for x, y in batches(10):
-            opt.zero_grad()
-            loss_of(model, x, y).backward()
-            opt.step() if hooked else sp.step()
+            def closure():  # as Lightning steps: the gradients are made inside step()
+                opt.zero_grad()
+                loss = loss_of(model, x, y)
+                loss.backward()
+                return loss
+            if way == "hooked-closure":
+                assert opt.step(closure) is not None
+                continue
+            closure()
+            opt.step() if way == "hooked" else sp.step()
         runs.append((sp.mask_fingerprint(), weights(model), sp.step_count))
-        if hooked:
+        if way != "step":
             handle.remove()
             assert sp._hooks is None
-    assert runs[0][2] == runs[1][2] == 10
-    assert torch.equal(runs[0][0], runs[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert [r[2] for r in runs] == [10, 10, 10]
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0])
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], other[1]))
 
 
 @pytest.mark.parametrize("method,backend", PAIRS)

@@ -295,17 +295,20 @@ class Sparsifier:
         keep the inactive weights at zero and update the topology after it. A step the scaler
         skips never reaches the optimizer, so it is not counted. On an update that replaces
         the optimizer step, the hooks clear the gradients so that the optimizer leaves every
-        weight as it is. ``sparsifier.step()`` then only steps the optimizer. Returns a handle
-        whose ``remove()`` takes the hooks off."""
+        weight as it is. An ``optimizer.step(closure)`` whose closure computes the gradients
+        (Lightning, LBFGS) has its closure run first. ``sparsifier.step()`` then only steps the
+        optimizer. Returns a handle whose ``remove()`` takes the hooks off."""
         if self._hooks is not None:
             raise RuntimeError(f"{type(self).__name__}.hook_optimizer() was already called")
 
         def before(optimizer, args, kwargs):
+            changed = loop.run_closure_first(args, kwargs)  # the closure makes the gradients
             if not self._begin_step():
                 self.backend.mask_gradients()  # keeps the gradient the update reads
                 for group in optimizer.param_groups:
                     for p in group["params"]:
                         p.grad = None
+            return changed
 
         def after(optimizer, args, kwargs):
             self._end_step()

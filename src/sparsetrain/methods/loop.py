@@ -90,3 +90,24 @@ def clip_grad_norm(backend, parameters: list[torch.nn.Parameter], max_norm: floa
                 if p.grad is not None:
                     p.grad.mul_(coefficient)
     return total
+
+
+def run_closure_first(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """For an optimizer step pre-hook: run the step's closure (which computes the gradients)
+    now, and give the optimizer a closure that returns its result; ``None`` without one.
+    ``args[0]`` is the optimizer, the closure its keyword or the argument after it."""
+    if kwargs.get("closure") is not None:
+        closure, keyword = kwargs["closure"], True
+    elif len(args) > 1 and args[1] is not None:
+        closure, keyword = args[1], False
+    else:
+        return None
+    with torch.enable_grad():
+        result = closure()
+
+    def done():
+        return result
+
+    if keyword:
+        return args, {**kwargs, "closure": done}
+    return (args[0], done, *args[2:]), kwargs
