@@ -105,3 +105,55 @@ def test_every_method_carries_its_training_flops_rule(method, backend):
         assert sparse.weights == pytest.approx(2 * sum(sp.active_counts().values()))
     assert sp.training_flops_per_example(dense, sparse.total) == pytest.approx(
         training_flops_per_example(method, dense, sparse.total, delta_t=5))
+
+
+def test_gpt_mini_counts_its_functional_attention_once():
+    context, embed, heads = 8, 16, 4  # width 1/16: an embedding of 16 in 4 heads
+    model = st.models.build_model("gpt-mini", num_classes=256, input_shape=(context,),
+                                  width=0.0625)
+    x = st.models.example_input("gpt-mini", (context,), 256, batch=3)
+    report = flops(model, x)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert report.weights == 2 * linear * context
+    # F.scaled_dot_product_attention in each block: two products and the softmax
+    attention = 2 * context * context * (embed + embed) + heads * context * context
+    assert [report.layers[f"blocks.{i}"].other for i in range(4)] == [attention] * 4
+    # active counts shrink the weight products only
+    counts = {n: p.numel() // 4 for n, p in model.named_parameters()
+              if n.endswith("weight") and p.dim() == 2 and not n.startswith(("wte", "wpe"))}
+    sparse = flops(model, x, counts)
+    assert sparse.weights == pytest.approx(report.weights / 4)
+    assert sparse.other == report.other
+    # attention inside nn.MultiheadAttention is counted by its own rule, not a second time
+    mha = nn.MultiheadAttention(embed, heads, batch_first=True)
+    q = torch.randn(2, context, embed)
+    wrapped = nn.Sequential()
+    wrapped.forward = lambda x: mha(x, x, x, need_weights=False)[0]
+    wrapped.add_module("mha", mha)
+    assert flops(wrapped, q).layers["mha"].other == \
+        2 * 2 * context * context * embed + heads * context * context
+
+
+def test_declared_linear_modules_count_their_active_weights():
+    """transformers' Conv1D and other module types declared with register_weight_layout: each
+    active weight is one multiply-add per output row, whatever the weight's layout."""
+    from sparsetrain.sparsity import targets
+
+    class InOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 4))  # in x out
+            self.bias = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            return x @ self.weight + self.bias
+
+    st.register_weight_layout(InOut, ("weight",), in_dim=0)
+    try:
+        model = nn.Sequential(InOut())
+        report = flops(model, torch.randn(2, 5, 6))  # 5 rows an example
+        assert report.weights == 2 * 24 * 5 and report.bias == 4 * 5
+        half = {"0.weight": 12}
+        assert flops(model, torch.randn(2, 5, 6), half).weights == 2 * 12 * 5
+    finally:
+        targets._LAYOUTS.pop(targets._type_key(InOut))

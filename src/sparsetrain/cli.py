@@ -41,6 +41,7 @@ HELP = {
     "distribution": "layer densities: uniform, er or erk",
     "width": "width multiplier of the model",
     "dense_layers": "parameter names or glob patterns kept dense",
+    "sparsify_embeddings": "sparsify position embeddings too (kept dense by default)",
     "delta_t": "steps between mask updates",
     "alpha": "initial drop fraction of the mask updates",
     "t_end": "fraction of training after which the mask stops changing",
@@ -62,6 +63,8 @@ HELP = {
     "checkpoint_every": "steps between checkpoints (0: only at epoch ends)",
     "log_every": "steps between training-metrics lines",
     "progress": "progress bar per epoch",
+    "tensorboard": "also log to TensorBoard event files in RUN_FOLDER/tensorboard (needs pip "
+                   "install 'sparsetrain[tensorboard]')",
     "check_masks": "under torchrun: compare a fingerprint of the masks across processes after "
                    "every update and stop if they differ",
     "out": "run folder (default: derived from the settings, under --runs-dir)",

@@ -5,11 +5,17 @@ multiply-add counts as 2 FLOPs. ``flops(model, example_input, masks)`` runs one 
 with hooks and counts, per layer, three kinds apart:
 
 - ``weights``: the multiply-adds with the weights (a sparsified layer costs its active weights
-  only: each active weight is used once per output position of a convolution or linear layer,
+  only: each active weight is used once per output position of a convolution or linear layer
+  (transformers' ``Conv1D`` and other module types declared linear with
+  ``register_weight_layout`` included),
   once per time step of a recurrent layer);
 - ``bias``: one addition per output element with a bias;
 - ``other``: activations (1 per element), normalisation (2 per element: scale and shift),
-  pooling (one per window element), attention's two products (2 FLOPs per multiply-add).
+  pooling (one per window element), attention's two products (2 FLOPs per multiply-add) and
+  its softmax (1 per score), for ``nn.MultiheadAttention`` and for calls of
+  ``F.scaled_dot_product_attention`` in a module's ``forward`` (as ``gpt-mini`` makes; counted
+  in the module that calls it, over the whole query x key matrix even when causal, as a dense
+  kernel computes it).
 
 Totals are per example (divided by the batch size of ``example_input``). A module that stores
 its weight in a form of its own (such as the CSR backend's layer) counts itself: it defines
@@ -27,6 +33,10 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from .sparsity.targets import weight_layout
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
                 nn.Hardswish, nn.Hardtanh, nn.Softmax, nn.LogSoftmax, nn.Mish, nn.PReLU)
@@ -99,6 +109,16 @@ def _first_tensor(value):
     return None
 
 
+def _declared_linear(module: nn.Module):
+    """``(weight, layout)`` of a module type declared linear with ``register_weight_layout``
+    (one 2-D weight used once per output row), else ``None``."""
+    layout = weight_layout(module)
+    if layout is None or not layout.linear or len(layout.attrs) != 1:
+        return None
+    weight = getattr(module, layout.attrs[0], None)
+    return (weight, layout) if torch.is_tensor(weight) and weight.dim() == 2 else None
+
+
 def _count(module: nn.Module, inputs, output, masks, names) -> LayerFlops:
     out = _first_tensor(output)
     x = _first_tensor(inputs)
@@ -107,6 +127,12 @@ def _count(module: nn.Module, inputs, output, masks, names) -> LayerFlops:
         return result
     if callable(getattr(module, "forward_flops", None)):  # a layer that counts itself
         result.weights, result.bias = module.forward_flops(inputs, output)
+    elif _declared_linear(module) is not None:  # e.g. transformers' Conv1D (in x out)
+        weight, layout = _declared_linear(module)
+        positions = out.numel() // weight.shape[1 - layout.in_dim]
+        result.weights = 2 * _active(weight, masks, names) * positions
+        if getattr(module, "bias", None) is not None:
+            result.bias = out.numel()
     elif isinstance(module, nn.Linear):
         positions = out.numel() // module.out_features
         result.weights = 2 * _active(module.weight, masks, names) * positions
@@ -176,6 +202,35 @@ def _leaves(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield name, module
 
 
+def _attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> float:
+    """The two products (2 FLOPs per multiply-add) and the softmax (1 per score) of
+    ``scaled_dot_product_attention(query, key, value)``: ``(..., L, E)``, ``(..., S, E)``,
+    ``(..., S, Ev)``."""
+    batch = math.prod(query.shape[:-2])
+    scores = batch * query.shape[-2] * key.shape[-2]
+    return 2.0 * scores * (query.shape[-1] + value.shape[-1]) + scores
+
+
+class _FunctionalAttention(TorchFunctionMode):
+    """Counts the calls of ``F.scaled_dot_product_attention`` in ``report``, under the innermost
+    module running (its name kept by hooks in ``stack``). Calls made inside another torch
+    function, such as ``nn.MultiheadAttention``'s ``F.multi_head_attention_forward``, run with
+    the mode off and are not seen: that module has its own rule."""
+
+    def __init__(self, report: "FlopsReport", stack: list[str]):
+        super().__init__()
+        self.report, self.stack = report, stack
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.stack:
+            q, k, v = (args[i] if i < len(args) else kwargs[n]
+                       for i, n in enumerate(("query", "key", "value")))
+            entry = self.report.layers.setdefault(self.stack[-1], LayerFlops())
+            entry.other += _attention_flops(q, k, v)
+        return func(*args, **kwargs)
+
+
 @torch.no_grad()
 def flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tensor] | None = None
           ) -> FlopsReport:
@@ -184,7 +239,8 @@ def flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tensor] | N
     ``masks`` (name -> bool mask, or name -> number of active weights, e.g.
     ``sparsifier.active_counts()``) makes a sparsified layer cost its active weights only.
     Functional operations outside modules (``torch.relu`` in ``forward``) are not seen by the
-    counting; the weight FLOPs, which dominate, are always exact.
+    counting, but for ``F.scaled_dot_product_attention``; the weight FLOPs, which dominate, are
+    always exact.
     """
     masks = dict(masks or {})
     names = {id(p): n for n, p in model.named_parameters()}
@@ -200,7 +256,15 @@ def flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tensor] | N
     for _, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             inside_attention.update(id(m) for m in module.modules() if m is not module)
-    handles = []
+    handles, stack = [], []
+
+    def leave(*_) -> None:
+        stack.pop()
+
+    for name, module in model.named_modules():  # which module runs, for functional attention
+        handles.append(module.register_forward_pre_hook(
+            lambda mod, inputs, name=name: stack.append(name)))
+        handles.append(module.register_forward_hook(leave))
     for name, module in _leaves(model):
         if id(module) in inside_attention:
             continue
@@ -218,7 +282,8 @@ def flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tensor] | N
     training = model.training
     model.eval()
     try:
-        model(*inputs)
+        with _FunctionalAttention(report, stack):
+            model(*inputs)
     finally:
         model.train(training)
         for h in handles:

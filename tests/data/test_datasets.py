@@ -14,7 +14,7 @@ from tests.data.test_fashion_mnist import fake_fashion_mnist
 
 def test_available():
     assert available_datasets() == sorted(["fashion-mnist", "mnist", "cifar10", "cifar100",
-                                           "cifar10-sample", "digits", "synthetic"])
+                                           "cifar10-sample", "digits", "synthetic", "text"])
     with pytest.raises(ValueError, match="unknown data set 'imagenet'.*synthetic"):
         load_dataset("imagenet")
 

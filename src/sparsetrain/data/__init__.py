@@ -9,8 +9,10 @@ from .datasets import (
 )
 from .fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 from .idx import DataFileError, read_idx
+from .text import TextDataset, load_text
 
 __all__ = [
     "DataFileError", "Dataset", "FASHION_MNIST_DIR", "available_datasets", "load_dataset",
-    "load_fashion_mnist", "make_synthetic", "random_crop_flip", "read_idx",
+    "load_fashion_mnist", "load_text", "make_synthetic", "random_crop_flip", "read_idx",
+    "TextDataset",
 ]

@@ -7,6 +7,7 @@
 | `cifar10-sample` | 5,438 + 1,017 real CIFAR-10 images (`cifar10_sample.npz`) | `data_dir` (the file or its folder) alone when given, else the file named by `$SPARSETRAIN_CIFAR10_SAMPLE` |
 | `digits` | scikit-learn's 8x8 digits (1,797 images) | scikit-learn, if installed |
 | `synthetic` | seeded random tensors with a class signal, any shape | generated |
+| `text` | byte-level text for language modelling (``kind == "sequence"``; see ``text``) | the files or folders of `data_dir`; without it the Python standard library's `.py` files (first 1 MiB) |
 
 A folder given as ``data_dir`` is the only place looked at: if it lacks a file, loading fails
 naming the folder and the file, never falling back to another copy. Every file is checked as it
@@ -17,16 +18,23 @@ hostile file from costing more than the official files do.
 Images are kept compactly (uint8 where the source is) and turned into normalised float32 batch by
 batch by ``Dataset.prepare``, which also applies the standard augmentation of 32x32 images
 (random crop with 4-pixel zero padding, horizontal flip) from a given generator.
+
+A data set's ``kind`` says what its examples are: ``"classification"`` (an input and one label
+each) or ``"sequence"`` (byte sequences whose targets are the next byte at every position, a
+label per position: the ``text`` data set). ``prepare_targets`` turns a batch of targets into
+the int64 labels a loss takes; ``info`` holds what identifies the data (e.g. the text corpus's
+SHA-256), which the runner writes into its summaries.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -74,10 +82,18 @@ class Dataset:
     mean: torch.Tensor  # per channel, of the training examples scaled to [0, 1]
     std: torch.Tensor
     augment_by_default: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    #: ``"classification"`` or ``"sequence"`` (see the module's docstring).
+    kind: ClassVar[str] = "classification"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
+
+    def prepare_targets(self, y: torch.Tensor) -> torch.Tensor:
+        """A batch of targets as the int64 labels a loss takes (they are stored so)."""
+        return y
 
     def prepare(self, x: torch.Tensor, *, train: bool, augment: bool | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -359,8 +375,24 @@ _FILE_LOADERS: dict[str, Callable[[Path | None, bool], Dataset]] = {
 _MADE: dict[str, Callable[..., Dataset]] = {"digits": _load_digits, "synthetic": make_synthetic}
 
 
+def _load_text(data_dir, **options) -> Dataset:
+    from .text import load_text
+
+    accepted = [n for n, p in inspect.signature(load_text).parameters.items()
+                if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"bad options for data set 'text': {', '.join(unknown)}; it takes "
+                         f"{', '.join(accepted)}")
+    return load_text(data_dir, **options)
+
+
+# Data sets read from files that take options: loader(data_dir as given, **options).
+_FILE_LOADERS_WITH_OPTIONS: dict[str, Callable[..., Dataset]] = {"text": _load_text}
+
+
 def available_datasets() -> list[str]:
-    return sorted([*_FILE_LOADERS, *_MADE])
+    return sorted([*_FILE_LOADERS, *_MADE, *_FILE_LOADERS_WITH_OPTIONS])
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = True,
@@ -371,6 +403,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
             return _MADE[name](**options)
         except TypeError as exc:
             raise ValueError(f"bad options for data set {name!r}: {exc}") from None
+    if name in _FILE_LOADERS_WITH_OPTIONS:
+        return _FILE_LOADERS_WITH_OPTIONS[name](data_dir, **options)
     if name not in _FILE_LOADERS:
         raise ValueError(f"unknown data set {name!r}; the data sets are: "
                          f"{', '.join(available_datasets())}")

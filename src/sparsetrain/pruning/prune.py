@@ -44,6 +44,7 @@ def prune_at_init(
     dense_layers: Iterable[str] | str = (),
     loss_fn: LossFn | None = None,
     seed: int = 0,
+    sparsify_embeddings: bool = False,
     **options,
 ) -> dict[str, torch.Tensor]:
     """Masks (name -> bool tensor) keeping the best-scored weights of ``model``.
@@ -55,8 +56,8 @@ def prune_at_init(
     exactly ``round(d_l * N_l)`` in every layer, ``d_l`` from ``distribution`` (``"uniform"``
     by default, or ``"er"``, ``"erk"``, a dict name -> density). ``iterations`` rounds prune to
     ``d ** (e / iterations)`` (per layer ``d_l ** (e / iterations)``). Weights matched by
-    ``dense_layers`` are neither scored against the others nor in the result: pass the same
-    ``dense_layers`` to the sparsifier. Ties are broken at random with ``seed``. The model is
+    ``dense_layers`` (and position embeddings, unless ``sparsify_embeddings``) are neither
+    scored against the others nor in the result: pass the same settings to the sparsifier. Ties are broken at random with ``seed``. The model is
     left unchanged; apply the masks by giving them to a sparsifier (``masks=``).
     """
     if not isinstance(model, nn.Module):
@@ -78,7 +79,7 @@ def prune_at_init(
         )
     if "masks" in options:
         raise ValueError("prune_at_init makes the masks; it takes no masks option")
-    sparse, _ = partition(model, dense_layers)
+    sparse, _ = partition(model, dense_layers, sparsify_embeddings=sparsify_embeddings)
     shapes = {t.name: tuple(t.shape) for t in sparse}
     final = densities_for_shapes(shapes, density, distribution or "uniform")
     if data is not None and key in ("snip", "grasp"):

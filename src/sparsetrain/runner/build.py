@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data import Dataset, load_dataset
 from ..flops import flops
 from ..methods import get_method, make_sparsifier
 from ..methods.dst import Static
-from ..models import build_model
+from ..models import build_model, model_inputs
 from ..pruning import prune_at_init, small_dense_width
 from ..sparsity.masks import density_mismatch, validate_masks
 from ..sparsity.targets import partition
@@ -32,6 +33,7 @@ from . import folder
 from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig
 from .data_order import epoch_order
 from .distributed import Distributed
+from .measure import flat_predictions
 
 SMALL_DENSE = "small-dense"
 Log = Callable[[str], None]
@@ -71,6 +73,26 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
+#: The kind of data set (``Dataset.kind``) each kind of model input (``models.model_inputs``)
+#: needs.
+DATA_KIND_OF_INPUTS = {"features": "classification", "tokens": "sequence"}
+
+
+def check_model_fits_data(config: TrainConfig, data: Dataset) -> None:
+    """``ConfigError`` unless the model reads what the data set holds (features and labels, or
+    token sequences and next tokens)."""
+    inputs = model_inputs(config.model)
+    if DATA_KIND_OF_INPUTS[inputs] != data.kind:
+        fits = ("a sequence data set (--data text)" if inputs == "tokens"
+                else "a data set of features and labels (e.g. --data fashion-mnist)")
+        raise ConfigError(f"model {config.model!r} reads {inputs}, but data set {config.data!r} "
+                          f"holds {data.kind} examples; use {fits}, or a model for "
+                          f"{config.data!r} (see sparsetrain list)")
+    if config.augment and data.kind != "classification":
+        raise ConfigError(f"data set {config.data!r} has no augmentation (it is for images); "
+                          "leave --augment out")
+
+
 def build_network(config: TrainConfig, data: Dataset, width: float) -> nn.Module:
     """The settings' model for ``data`` at ``width`` (initialised from the global RNG)."""
     return build_model(config.model, num_classes=data.num_classes,
@@ -80,7 +102,8 @@ def build_network(config: TrainConfig, data: Dataset, width: float) -> nn.Module
 def small_dense(config: TrainConfig, data: Dataset, log: Log) -> float:
     """The width at which the dense model has as many weights as the sparse one keeps."""
     c = config
-    sparse, dense = partition(build_network(c, data, c.width), list(c.dense_layers))
+    sparse, dense = partition(build_network(c, data, c.width), list(c.dense_layers),
+                              sparsify_embeddings=c.sparsify_embeddings)
     target = round(c.density * sum(t.numel for t in sparse)) + sum(t.numel for t in dense)
     result = small_dense_width(lambda w: build_network(c, data, w), target,
                                low=0.01 * c.width, high=c.width)
@@ -121,6 +144,7 @@ def build_run(config: TrainConfig, dist: Distributed, log: Log,
         raise ConfigError(f"batch_size {c.batch_size} is the total batch over all "
                           f"{dist.world} processes, so it must be at least that")
     data = load_dataset(c.data, c.data_dir, **c.data_options)
+    check_model_fits_data(c, data)
     n_train = len(data.train_y) if c.train_size is None else min(len(data.train_y), c.train_size)
     steps_per_epoch = math.ceil(n_train / c.batch_size)
     total_steps = steps_per_epoch * c.epochs
@@ -145,6 +169,8 @@ def build_run(config: TrainConfig, dist: Distributed, log: Log,
                             **_common_options(c, total_steps))
     else:
         sparsifier = _registered_sparsifier(c, model, optimizer, total_steps)
+    if sparsifier is not None:
+        log(sparsifier.summary())
     net = model
     if dist.active:
         # after the sparsifier: it names weights as the model does, and the CSR backend
@@ -160,7 +186,7 @@ def build_run(config: TrainConfig, dist: Distributed, log: Log,
 
 def _common_options(c: TrainConfig, total_steps: int) -> dict[str, Any]:
     return dict(density=c.density, total_steps=total_steps, dense_layers=list(c.dense_layers),
-                seed=c.seed, backend=c.backend)
+                seed=c.seed, backend=c.backend, sparsify_embeddings=c.sparsify_embeddings)
 
 
 def saved_active_sets(state: Any) -> dict[str, torch.Tensor] | None:
@@ -212,6 +238,11 @@ def _registered_sparsifier(c: TrainConfig, model: nn.Module, optimizer, total_st
                           f"{exc}") from None
 
 
+def _flat_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per prediction (per example, or per position of a sequence)."""
+    return nn.functional.cross_entropy(*flat_predictions(out, y))
+
+
 def _pruned_masks(c: TrainConfig, model: nn.Module, data: Dataset, n_train: int,
                   steps_per_epoch: int, device: torch.device, dist: Distributed,
                   log: Log) -> dict[str, torch.Tensor]:
@@ -222,14 +253,22 @@ def _pruned_masks(c: TrainConfig, model: nn.Module, data: Dataset, n_train: int,
     for i in range(min(c.prune_batches, steps_per_epoch)):
         idx = order[i * c.batch_size:(i + 1) * c.batch_size]
         x = data.prepare(data.train_x[idx], train=False)
-        batches.append((x.to(device), data.train_y[idx].to(device)))
+        batches.append((x.to(device), data.prepare_targets(data.train_y[idx]).to(device)))
     iterations = c.prune_iterations or (100 if c.method == "synflow" else 1)
+    # GraSP draws a balanced sample of each class, which needs one label per example: on
+    # sequence data (a label per position) it scores every example of the batches
+    options = ({"samples_per_class": None}
+               if c.method == "grasp" and data.kind != "classification" else {})
     start = time.perf_counter()
-    masks = prune_at_init(
-        model, c.method, c.density, data=batches, scope=c.prune_scope, iterations=iterations,
-        distribution=c.distribution if c.prune_scope == "layer" else None,
-        dense_layers=list(c.dense_layers), seed=c.seed,
-    )
+    # attention through its math kernel: GraSP differentiates twice, which the fused CPU
+    # kernels of F.scaled_dot_product_attention cannot (models without attention: no change)
+    with sdpa_kernel(SDPBackend.MATH):
+        masks = prune_at_init(
+            model, c.method, c.density, data=batches, scope=c.prune_scope,
+            iterations=iterations, distribution=c.distribution if c.prune_scope == "layer"
+            else None, dense_layers=list(c.dense_layers), seed=c.seed,
+            sparsify_embeddings=c.sparsify_embeddings,
+            loss_fn=_flat_cross_entropy, **options)
     log(f"{c.method}: pruned at initialisation to density {c.density} "
         f"({iterations} round(s), {time.perf_counter() - start:.1f} s)")
     # every rank scored the same batches; rank 0's masks are the run's all the same

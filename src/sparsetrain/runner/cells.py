@@ -98,8 +98,11 @@ class _Cells:
         status = result["status"]
         if status == "done":
             summary = result["summary"]
-            self.log(f"  {run.name}: test accuracy {summary['test_accuracy']:.4f}, density "
-                     f"{summary['density']:.4f}, {summary['wall_time_s']:.0f} s")
+            loss = summary.get("test_nats_per_byte")
+            measured = (f"validation loss {loss:.4f} nats/byte" if loss is not None
+                        else f"test accuracy {summary['test_accuracy']:.4f}")
+            self.log(f"  {run.name}: {measured}, density {summary['density']:.4f}, "
+                     f"{summary['wall_time_s']:.0f} s")
         elif status == "busy":
             self.waiting.append((config, run, result.get("pid")))
         elif status == "stopped":

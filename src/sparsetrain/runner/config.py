@@ -58,6 +58,7 @@ class TrainConfig:
     distribution: str = "erk"
     width: float = 1.0
     dense_layers: list[str] = field(default_factory=list)
+    sparsify_embeddings: bool = False
     delta_t: int = 100
     alpha: float = 0.3
     drop_fraction_decay: str = "cosine"
@@ -89,14 +90,15 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     progress: bool = True
+    tensorboard: bool = False
     check_masks: bool = True
     out: str | None = None
     runs_dir: str = "runs"
 
     # Settings that change where or how visibly a run happens, not what it computes: they may
     # differ when a run is resumed, and are left out of derived run names.
-    NON_SEMANTIC = ("device", "checkpoint_every", "log_every", "progress", "out", "runs_dir",
-                    "data_dir", "check_masks")
+    NON_SEMANTIC = ("device", "checkpoint_every", "log_every", "progress", "tensorboard", "out",
+                    "runs_dir", "data_dir", "check_masks")
 
     @classmethod
     def keys(cls) -> list[str]:

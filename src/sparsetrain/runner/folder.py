@@ -8,6 +8,7 @@ A run folder holds
   checked on load, loaded with ``weights_only=True``;
 - ``summary.json``: the results, written when the run is finished;
 - ``train.log``: the messages of a run trained by a sweep;
+- ``tensorboard/``: TensorBoard event files, with ``--tensorboard`` (see ``tensorboard.py``);
 - ``.sparsetrain.lock``: the lock of the process training in it (see ``lock.py``).
 
 Every file but the appended metrics and log is written atomically: to a new temporary file
@@ -42,6 +43,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 TRAIN_LOG = "train.log"
+TENSORBOARD = "tensorboard"
 #: The ``"format"`` entry of a run checkpoint.
 FORMAT = "sparsetrain-run"
 #: The key of a checkpoint's digest of the rest of its content.
@@ -200,10 +202,12 @@ def truncate_metrics(folder: Path, step: int) -> None:
 
 
 def start_afresh(folder: Path) -> None:
-    """Remove the metrics and summary of a run that never wrote a checkpoint (killed before its
-    first one), so that a run started again in the folder begins with fresh files."""
+    """Remove the metrics, summary and TensorBoard files of a run that never wrote a checkpoint
+    (killed before its first one), so that a run started again in the folder begins with fresh
+    files."""
     for name in (METRICS, SUMMARY):
         (Path(folder) / name).unlink(missing_ok=True)
+    shutil.rmtree(Path(folder) / TENSORBOARD, ignore_errors=True)
 
 
 # --- checkpoint ---------------------------------------------------------------------------

@@ -2,10 +2,15 @@
 
 ``sparsifier`` is ``None`` for runs without one (dense and small-dense training), whose
 sparsifiable weights all count as active.
+
+Loss and accuracy are per prediction: one per example for a classifier, one per position for a
+sequence model (outputs ``(batch, positions, classes)``, targets ``(batch, positions)``), so on
+byte-level text the loss is in nats per byte and the accuracy is that of the next byte.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,28 +21,44 @@ from ..flops import dense_training_flops, flops
 from ..sparsity.targets import find_targets
 from .distributed import Distributed
 
+#: Examples per evaluation batch, and at most this many predictions (sequence positions).
 EVAL_BATCH = 1000
+EVAL_PREDICTIONS = 1 << 15
+
+
+def flat_predictions(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs ``(predictions, classes)`` and targets ``(predictions,)``: a classifier's as they
+    are, a sequence model's with every position one prediction."""
+    if y.dim() > 1:
+        return out.reshape(-1, out.shape[-1]), y.reshape(-1)
+    return out, y
+
+
+def bits(nats: float) -> float:
+    """A loss in nats as bits (nats / ln 2)."""
+    return nats / math.log(2)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, dist: Distributed,
              device: torch.device) -> tuple[float, float]:
-    """Test loss and accuracy over the whole test set, in eval mode (train mode after). Each
-    process evaluates its share; the sums are added over the processes."""
+    """Test loss and accuracy per prediction over the whole test set, in eval mode (train mode
+    after). Each process evaluates its share; the sums are added over the processes."""
     model.eval()
     n = len(data.test_y)
+    per_example = math.prod(data.test_y.shape[1:])
+    batch = max(1, min(EVAL_BATCH, EVAL_PREDICTIONS // per_example))
     share = dist.share(n)
     correct, loss_sum = 0, 0.0
-    for i in range(share.start, share.stop, EVAL_BATCH):
-        j = min(i + EVAL_BATCH, share.stop)
+    for i in range(share.start, share.stop, batch):
+        j = min(i + batch, share.stop)
         x = data.prepare(data.test_x[i:j], train=False).to(device)
-        y = data.test_y[i:j].to(device)
-        out = model(x)
+        out, y = flat_predictions(model(x), data.prepare_targets(data.test_y[i:j]).to(device))
         loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
     model.train()
     loss_sum, correct = dist.sum([loss_sum, correct])
-    return loss_sum / n, correct / n
+    return loss_sum / (n * per_example), correct / (n * per_example)
 
 
 def layer_densities(model: nn.Module, sparsifier: Any | None) -> dict[str, float]:

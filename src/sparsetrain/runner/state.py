@@ -39,13 +39,15 @@ class RunState:
 
 def checkpoint_content(config: TrainConfig, state: RunState, model: nn.Module,
                        optimizer: torch.optim.Optimizer, sparsifier: Any | None,
-                       schedule: LRSchedule) -> dict[str, Any]:
+                       schedule: LRSchedule, data_info: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
     """The checkpoint of the run as it stands (plain tensors and values: loads with
-    ``weights_only=True``)."""
+    ``weights_only=True``); ``data_info`` is the data set's ``info`` (what identifies it)."""
     return {
         "format": FORMAT,
         "version": 1,
         "config": config.semantic_dict(),
+        "data": dict(data_info or {}),
         "run": dataclasses.asdict(state),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -109,6 +111,20 @@ def run_state(saved: Any, total_steps: int) -> RunState:
     if state.finished and state.step != total_steps:
         raise ValueError(f"it is marked finished at step {state.step} of {total_steps}")
     return state
+
+
+def check_same_data(checkpoint: dict[str, Any], data_info: dict[str, Any], where: Path) -> None:
+    """``ConfigError`` when the checkpoint records another corpus (SHA-256) than the data set
+    loaded now: a resumed run goes on with the data it started with."""
+    saved = checkpoint.get("data")
+    before = saved.get("sha256") if isinstance(saved, dict) else None
+    now = data_info.get("sha256")
+    if before is not None and now is not None and before != now:
+        raise ConfigError(
+            f"the run in {where} was trained on data with SHA-256 {before} ({saved.get('source')}"
+            f"), but the data loaded now has {now} ({data_info.get('source')}); resume with the "
+            "run's own data (--data-dir, and the same Python for the default corpus) or start a "
+            "new run folder")
 
 
 def restore(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -3,7 +3,12 @@
 The run is built by ``build.build_run``; its files are read and written by ``folder``
 (``config.yaml``, ``metrics.jsonl`` with training averages every ``log_every`` steps and a test
 evaluation every epoch, ``checkpoint.pt`` every ``checkpoint_every`` steps, at every epoch end
-and at the end, ``summary.json`` when finished).
+and at the end, ``summary.json`` when finished); with ``tensorboard``, the same metrics go to
+TensorBoard event files too (``tensorboard.py``).
+
+Losses and accuracies are per prediction (``measure``): per example on classification data,
+per position on sequence data (``Dataset.kind``), where the loss is in nats per byte and the
+summary adds it in bits per byte.
 
 Exact resume: everything random is either saved (``state``) or derived from the seed and the
 step (``data_order``), so a run interrupted at any step and resumed ends with the same weights
@@ -19,7 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import folder, measure
+from . import folder, measure, tensorboard
 from .build import build_run
 from .config import ConfigError, TrainConfig
 from .data_order import batch_generator, epoch_order
@@ -29,7 +34,7 @@ from .interrupt import StopRequest
 from .lock import FolderLock
 from .lr_schedule import LRSchedule
 from .progress import progress_bar
-from .state import RunState, check_changes, checkpoint_content, restore
+from .state import RunState, check_changes, check_same_data, checkpoint_content, restore
 
 __all__ = ["LRSchedule", "Trainer", "TrainingError", "run_folder"]
 
@@ -63,6 +68,7 @@ class Trainer:
         self.log = say if self.dist.is_main else (lambda message: None)  # rank 0 speaks
         if self._lock is None and self.dist.is_main and self.out.is_dir():
             self._lock = folder.claim(self.out)  # before anything in it is read
+        self._board: tensorboard.TensorBoardLog | None = None
         try:
             self._build(resume)
         except BaseException:
@@ -71,6 +77,8 @@ class Trainer:
 
     def _build(self, resume: bool) -> None:
         config = self.config
+        if config.tensorboard and self.dist.is_main:
+            tensorboard.check_available()
         has_checkpoint = folder.has_checkpoint(self.out)
         if not resume and has_checkpoint:
             raise ConfigError(f"{self.out} already holds a run; continue it with --resume "
@@ -97,6 +105,7 @@ class Trainer:
         self._changes: dict[str, dict[str, Any]] = {}
         self._checkpoint_step: int | None = None
         if run.checkpoint is not None:
+            check_same_data(run.checkpoint, self.data.info, self.out)
             self.state = restore(run.checkpoint, self.model, self.optimizer, self.sparsifier,
                                  self.out, self.total_steps)
             self._checkpoint_step = self.state.step
@@ -106,14 +115,18 @@ class Trainer:
         self.sparse_flops = measure.inference_flops(self.model, self._example, self.sparsifier)
 
     def close(self) -> None:
-        """Give the folder's lock back (``train()`` does so when it returns)."""
+        """Close the TensorBoard files and give the folder's lock back (``train()`` does so
+        when it returns)."""
+        if self._board is not None:
+            self._board.close()
+            self._board = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
 
     # --- measuring ------------------------------------------------------------------------
     def evaluate(self) -> tuple[float, float]:
-        """Test loss and accuracy."""
+        """Test loss and accuracy, per prediction."""
         return measure.evaluate(self.model, self.data, self.dist, self.device)
 
     def layer_densities(self) -> dict[str, float]:
@@ -133,13 +146,17 @@ class Trainer:
         if self.dist.is_main:
             folder.save_checkpoint(self.out, checkpoint_content(
                 self.config, self.state, self.model, self.optimizer, self.sparsifier,
-                self.schedule))
+                self.schedule, self.data.info))
         self._checkpoint_step = self.state.step
         self.dist.barrier()
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
             folder.append_metrics(self.out, record)
+
+    def _open_board(self) -> None:
+        if self.config.tensorboard and self.dist.is_main and self._board is None:
+            self._board = tensorboard.TensorBoardLog(self.out, self.state.step)
 
     # --- training -------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -179,6 +196,7 @@ class Trainer:
                 summary = None
             # a lost or broken summary is written again from the final state
             return summary if summary is not None else self._finish()
+        self._open_board()
         stopped = self._loop(on_step)
         if stopped:
             self.save_checkpoint()
@@ -225,17 +243,19 @@ class Trainer:
         x = self.data.prepare(self.data.train_x[idx], train=True, augment=c.augment,
                               generator=batch_generator(c.seed, s.step))
         share = self.dist.share(len(idx))
-        x, y = x[share].to(self.device), self.data.train_y[idx][share].to(self.device)
+        y = self.data.prepare_targets(self.data.train_y[idx][share])
+        x, y = x[share].to(self.device), y.to(self.device)
         lr = c.lr * self.schedule.factor(s.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.net(x)
-        loss = self.loss_fn(out, y)
-        # the whole batch's loss and accuracy, and whether every share's loss is finite
-        loss_sum, correct, bad = self.dist.sum([
-            float(loss.detach()) * len(y), int((out.argmax(1) == y).sum()),
-            0.0 if torch.isfinite(loss) else 1.0])
+        out, target = measure.flat_predictions(self.net(x), y)
+        loss = self.loss_fn(out, target)
+        # the whole batch's loss, accuracy and predictions (examples, or sequence positions),
+        # and whether every share's loss is finite
+        loss_sum, correct, predictions, bad = self.dist.sum([
+            float(loss.detach()) * len(target), int((out.argmax(1) == target).sum()),
+            len(target), 0.0 if torch.isfinite(loss) else 1.0])
         if bad:
             raise TrainingError(
                 f"the training loss became {float(loss.detach())} at step {s.step + 1} (epoch "
@@ -254,7 +274,7 @@ class Trainer:
                                                         self.sparsifier)
         s.loss_sum += loss_sum
         s.correct += int(correct)
-        s.seen += len(idx)
+        s.seen += int(predictions)
 
     def _way_back(self, lr: float) -> str:
         """What to do after the loss diverged, truthful about the checkpoint there is."""
@@ -271,12 +291,18 @@ class Trainer:
         returns the average loss."""
         s = self.state
         loss = s.loss_sum / s.seen
-        self._append_metrics({
+        record = {
             "kind": "train", "step": s.step, "epoch": s.step / self.steps_per_epoch,
             "loss": loss, "accuracy": s.correct / s.seen,
             "lr": self.optimizer.param_groups[0]["lr"], "density": self.density(),
             "wall_time_s": round(s.wall_time_s, 3),
-        })
+        }
+        self._append_metrics(record)
+        if self._board is not None:
+            self._board.scalars(s.step, {"train/loss": loss, "train/accuracy": record["accuracy"],
+                                         "train/lr": record["lr"],
+                                         "density/overall": record["density"]})
+            self._board.densities(s.step, self.layer_densities())
         s.loss_sum, s.correct, s.seen = 0.0, 0, 0
         return loss
 
@@ -319,8 +345,20 @@ class Trainer:
             "wall_time_s": round(self.state.wall_time_s, 3),
         }
         self._append_metrics(record)
-        self.log(f"epoch {epoch + 1}/{self.config.epochs}: test accuracy {test_acc:.4f}, "
-                 f"test loss {test_loss:.4f}, density {record['density']:.4f}")
+        if self._board is not None:
+            sequence = self.data.kind == "sequence"
+            self._board.scalars(self.state.step, {
+                "eval/loss": test_loss, "eval/accuracy": test_acc,
+                "eval/bits_per_byte": measure.bits(test_loss) if sequence else None,
+                "density/overall": record["density"], "density/ever_active": record["ever_active"]})
+        self.log(f"epoch {epoch + 1}/{self.config.epochs}: {self._results(test_loss, test_acc)}"
+                 f", density {record['density']:.4f} of the sparsifiable weights")
+
+    def _results(self, loss: float, accuracy: float) -> str:
+        if self.data.kind == "sequence":
+            return (f"validation loss {loss:.4f} nats/byte ({measure.bits(loss):.4f} bits/byte), "
+                    f"next-byte accuracy {accuracy:.4f}")
+        return f"test accuracy {accuracy:.4f}, test loss {loss:.4f}"
 
     def _finish(self) -> dict[str, Any]:
         """Evaluate, mark the run finished, write the summary and the last checkpoint."""
@@ -345,13 +383,22 @@ class Trainer:
             "inference_flops": self.sparse_flops,
             "inference_flops_vs_dense": self.sparse_flops / self.dense_flops,
             "ever_active_fraction": self.ever_active_fraction(),
-            "flops_note": "a multiply-add counts as 2 FLOPs; per example",
+            "flops_note": "a multiply-add counts as 2 FLOPs; per example" + (
+                f" (a sequence of {self.data.input_shape[0]} bytes)"
+                if self.data.kind == "sequence" else ""),
+            "data_kind": self.data.kind,
             "config": c.to_dict(),
         }
+        if self.data.kind == "sequence":
+            summary["test_nats_per_byte"] = test_loss
+            summary["test_bits_per_byte"] = measure.bits(test_loss)
+        if self.data.info:
+            summary["data_info"] = self.data.info
         if self.dist.is_main:
             folder.write_summary(self.out, summary)
         self.save_checkpoint()
-        self.log(f"done: test accuracy {test_acc:.4f} (best {summary['best_test_accuracy']:.4f})"
-                 f", density {summary['density']:.4f}, {summary['wall_time_s']:.1f} s; "
-                 f"results in {self.out}")
+        results = (self._results(test_loss, test_acc) if self.data.kind == "sequence" else
+                   f"test accuracy {test_acc:.4f} (best {summary['best_test_accuracy']:.4f})")
+        self.log(f"done: {results}, density {summary['density']:.4f} of the sparsifiable weights, "
+                 f"{summary['wall_time_s']:.1f} s; results in {self.out}")
         return summary

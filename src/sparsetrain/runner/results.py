@@ -1,0 +1,169 @@
+"""The results of finished runs: reading run folders, checking their summaries, grouping them.
+
+``collect_runs(paths)`` reads every run folder under ``paths`` (a folder holding a
+``summary.json``; folders without one are unfinished); a run folder whose summary cannot be
+read or lacks what a report shows is a ``ConfigError`` that names the file. ``summarise(runs)``
+groups the finished ones into rows, one per (kind of data, model, method, distribution,
+density), with means and standard deviations over the seeds.
+
+The kind of data (``"data_kind"`` of a summary, the data set's ``Dataset.kind``; summaries
+without it are of classification runs) decides what a row measures: test accuracy on
+classification data; on sequence data (byte-level text) the validation loss in nats per byte
+(``test_loss``), and the next-byte accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import ConfigError
+from .folder import SUMMARY, find_run_folders, is_run_folder, read_metrics, read_summary
+
+METHOD_ORDER = ["dense", "small-dense", "static", "snip", "grasp", "synflow", "set", "snfs",
+                "rigl", "gmp"]
+DYNAMIC = ("set", "snfs", "rigl")
+KINDS = ("classification", "sequence")
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)
+
+
+def collect_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every run under ``paths``: ``{"folder", "summary" (None if unfinished), "evals"}``."""
+    folders: list[Path] = []
+    for path in map(Path, paths):
+        if is_run_folder(path):
+            folders.append(path)
+        elif path.is_dir():
+            folders += find_run_folders(path)
+    return [_read_run(run) for run in dict.fromkeys(folders)]
+
+
+def _read_run(run: Path) -> dict[str, Any]:
+    path = run / SUMMARY
+    try:
+        summary = read_summary(run)
+        records = read_metrics(run)
+    except OSError as exc:  # unreadable (a broken summary is a RunFolderError naming it)
+        raise ConfigError(f"cannot read the run folder {run}: {exc}; if {path} is broken, "
+                          f"delete it and run sparsetrain train --resume {run} to write it "
+                          "again") from None
+    if summary is not None:
+        problem = _summary_problem(summary)
+        if problem:
+            raise ConfigError(f"{path} is not a complete run summary ({problem}); delete it "
+                              f"and run sparsetrain train --resume {run} to write it again")
+    evals = [r for r in records if isinstance(r, dict) and r.get("kind") == "eval"
+             and is_number(r.get("epoch")) and is_number(r.get("test_accuracy"))]
+    return {"folder": run, "summary": summary, "evals": evals}
+
+
+def _summary_problem(summary: Any) -> str | None:
+    """What a report cannot use in ``summary``, or ``None``."""
+    if not isinstance(summary, dict):
+        return f"a JSON object is expected, not a {type(summary).__name__}"
+    for key in ("test_accuracy", "density"):
+        if not is_number(summary.get(key)):
+            return f"{key!r} is missing or not a number"
+    if summary.get("data_kind", KINDS[0]) not in KINDS:
+        return f"'data_kind' is not one of {', '.join(KINDS)}"
+    if run_kind(summary) == "sequence" and not is_number(summary.get("test_loss")):
+        return "'test_loss' is missing or not a number"
+    for key in ("train_flops_vs_dense", "inference_flops_vs_dense", "test_loss"):
+        if summary.get(key) is not None and not is_number(summary[key]):
+            return f"{key!r} is not a number"
+    if not isinstance(summary.get("method"), str):
+        return "'method' is missing or not a string"
+    for key in ("model", "data"):
+        if not isinstance(summary.get(key, ""), str):
+            return f"{key!r} is not a string"
+    config = summary.get("config", {})
+    if not isinstance(config, dict):
+        return "'config' is not a mapping"
+    if not isinstance(config.get("distribution", ""), str):
+        return "'config' has a 'distribution' that is not a string"
+    if not is_number(config.get("density", 0.0)):
+        return "'config' has a 'density' that is not a number"
+    layers = summary.get("layer_densities", {})
+    if not isinstance(layers, dict) or not all(is_number(v) for v in layers.values()):
+        return "'layer_densities' is not a mapping of layer names to numbers"
+    if not isinstance(summary.get("data_info", {}), dict):
+        return "'data_info' is not a mapping"
+    return None
+
+
+def run_kind(summary: dict[str, Any]) -> str:
+    """The kind of data the run was trained on (``Dataset.kind``)."""
+    return summary.get("data_kind", KINDS[0])
+
+
+def run_key(summary: dict[str, Any]) -> tuple[str, str, str, float]:
+    """(model, method, distribution, density) of a run; dense runs are at density 1 and
+    dense and small-dense runs have no distribution ("-")."""
+    config = summary.get("config", {})
+    method = summary["method"]
+    distribution = "-" if method in ("dense", "small-dense") else config.get("distribution", "-")
+    density = float(config.get("density", summary["density"]))
+    if method == "dense":
+        density = 1.0
+    return summary.get("model", "?"), method, distribution, density
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (kind, model, method, distribution, density): accuracy and loss mean and
+    std over seeds, FLOPs relative to dense; sorted by kind, model, density (descending) and
+    method."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        if run["summary"] is not None:
+            groups[(run_kind(run["summary"]), *run_key(run["summary"]))].append(run["summary"])
+    rows = []
+    for (kind, model, method, distribution, density), items in groups.items():
+
+        def spread(key):
+            values = [s[key] for s in items if s.get(key) is not None]
+            if not values:
+                return None, None
+            return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+        accuracy, std = spread("test_accuracy")
+        loss, loss_std = spread("test_loss")
+        rows.append({
+            "kind": kind, "model": model, "method": method, "distribution": distribution,
+            "density": density, "actual_density": spread("density")[0], "n": len(items),
+            "accuracy": accuracy, "std": std, "loss": loss, "loss_std": loss_std,
+            "train_flops": spread("train_flops_vs_dense")[0],
+            "inference_flops": spread("inference_flops_vs_dense")[0],
+        })
+    rows.sort(key=lambda r: (KINDS.index(r["kind"]), r["model"], -r["density"],
+                             method_rank(r["method"]), r["distribution"]))
+    return rows
+
+
+def data_descriptions(runs: list[dict[str, Any]]) -> list[str]:
+    """One line per distinct data set the finished ``runs`` were trained on, from their
+    ``data_info`` (the text corpus, its size and SHA-256); none for data sets without it."""
+    lines = {}
+    for run in runs:
+        s = run["summary"]
+        info = s.get("data_info") if s is not None else None
+        if not info:
+            continue
+        parts = [f"{k} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}"
+                 for k, v in info.items()]
+        lines.setdefault(f"{s.get('data', '?')}: " + ", ".join(parts), None)
+    return list(lines)
