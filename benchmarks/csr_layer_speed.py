@@ -22,14 +22,14 @@ import torch
 from _common import write_result
 from torch import nn
 
-import sparsetrain.backends.csr as csr_module
+import sparsetrain.kernels as kernels_module
 from sparsetrain.backends.csr import CSRLinear
 
 
 def timed_step(module, opt, x, use_kernels: bool) -> float:
-    saved = csr_module._KERNELS
+    saved = kernels_module._KERNELS
     if not use_kernels:
-        csr_module._KERNELS = False
+        kernels_module._KERNELS = False
     try:
         start = time.perf_counter()
         opt.zero_grad()
@@ -37,7 +37,7 @@ def timed_step(module, opt, x, use_kernels: bool) -> float:
         opt.step()
         return time.perf_counter() - start
     finally:
-        csr_module._KERNELS = saved
+        kernels_module._KERNELS = saved
 
 
 def main(argv=None) -> int:

@@ -1,16 +1,24 @@
 """Compressed sparse row (CSR) weights: a Linear layer whose cost scales with its density.
 
 ``CSRLinear`` keeps its weight as a 1-D parameter of the ``nnz`` active values, with the row
-pointers and column indices as buffers. Its autograd function computes
+pointers and column indices as buffers. Its operators compute
 
 - forward ``y = x W^T + b`` as a sparse-dense product,
 - the input gradient ``grad_x = grad_y W`` as the transposed sparse product,
 - the weight gradient only at the non-zeros, ``grad_W[r, c] = sum_b grad_y[b, r] x[b, c]``,
   by a sampled dense-dense product.
 
-On the CPU (float32 and float64) these run as the compiled OpenMP kernels of
-``csrc/csr_kernels.cpp``; elsewhere, or where the kernels cannot be built, as torch's own sparse
-operations. Standard torch optimizers work on the values parameter unchanged.
+The products are the custom operators of :mod:`.csr_ops` (the compiled OpenMP kernels of
+``csrc/csr_kernels.cpp`` on the CPU, torch's own sparse operations elsewhere or where the
+kernels cannot be built), which ``torch.compile`` traces as single graph nodes. Standard torch
+optimizers work on the values parameter unchanged.
+
+Values may be float32 or float64, or bfloat16 or float16 (a model converted before the
+sparsifier was built). Under ``torch.autocast`` the layer does what ``nn.Linear`` does: inputs,
+values and bias are cast to the autocast dtype (float64 values are left alone, as autocast
+leaves float64 weights), the product is summed in float32 and returned in the autocast dtype,
+and the values' gradient arrives in ``.grad`` in the values' own dtype. Outside autocast the
+input is cast to the values' dtype.
 
 For RigL the layer can also keep, on request, the input and output gradient of a step
 (``capture``), from which the dense weight gradient is computed later in blocks of rows.
@@ -19,72 +27,12 @@ For RigL the layer can also keep, on request, the input and output gradient of a
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 
-from ..kernels import compiled_kernels
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
-    with warnings.catch_warnings():  # torch calls its CSR support "beta" on first use
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, values, size=shape, dtype=values.dtype,
-                                       device=values.device, check_invariants=False)
-
-
-def _use_kernels(x: torch.Tensor, values: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == values.dtype
-            and x.dtype in (torch.float32, torch.float64) and compiled_kernels() is not None)
-
-
-class _CSRLinearFunction(torch.autograd.Function):
-    """``x W^T`` for a CSR ``W``; ``capture`` (a list or None) receives ``(x, grad_y)``."""
-
-    @staticmethod
-    def forward(ctx, x, values, crow, col, shape, capture):
-        ctx.kernels = _use_kernels(x, values)
-        ctx.shape = shape
-        ctx.capture = capture
-        if ctx.kernels:  # the batch packed in tiles: see csrc/csr_kernels.cpp
-            kernels = compiled_kernels()
-            x_tiles = kernels.pack_tiles(x.t())  # free of a transpose after a CSR layer
-            y = kernels.csr_forward(crow, col, values.contiguous(), x_tiles, shape[0],
-                                    shape[1], x.shape[0]).t()
-            ctx.save_for_backward(x_tiles, values, crow, col)
-        else:
-            y = (_csr(crow, col, values, shape) @ x.t()).t()
-            ctx.save_for_backward(x, values, crow, col)
-        if capture is not None:
-            ctx.x = x
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        saved, values, crow, col = ctx.saved_tensors
-        out_features, in_features = ctx.shape
-        grad_x = grad_values = None
-        if ctx.capture is not None:
-            ctx.capture.append((ctx.x, grad_y))
-        if ctx.kernels:
-            kernels, batch = compiled_kernels(), grad_y.shape[0]
-            gy_tiles = kernels.pack_tiles(grad_y.t())
-            if ctx.needs_input_grad[0]:
-                grad_x = kernels.csr_input_grad(crow, col, values.contiguous(), gy_tiles,
-                                                in_features, batch).t()
-            if ctx.needs_input_grad[1]:
-                grad_values = kernels.csr_weight_grad(crow, col, gy_tiles, saved, in_features,
-                                                      batch)
-        else:
-            x, grad_y_t = saved, grad_y.t().contiguous()
-            if ctx.needs_input_grad[0]:
-                grad_x = (_csr(crow, col, values, ctx.shape).t() @ grad_y_t).t()
-            if ctx.needs_input_grad[1]:
-                template = _csr(crow, col, torch.zeros_like(values), ctx.shape)
-                sampled = torch.sparse.sampled_addmm(template, grad_y_t, x, beta=0.0)
-                grad_values = sampled.values()
-        return grad_x, grad_values, None, None, None, None
+from ..kernels import compiled_kernels  # noqa: F401  (the benchmarks import it from here)
+from .csr_ops import DTYPES, csr_linear, register_layer
 
 
 def _row_pointers(rows: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -114,7 +62,15 @@ class CSRLinear(nn.Module):
     ``values`` (the ``nnz`` active weights, row-major) is the only weight parameter; ``crow``
     (``out_features + 1`` row pointers) and ``col`` (column of each value) are buffers, so they
     travel with ``state_dict()``. ``bias`` is the given parameter itself (not a copy), so an
-    optimizer that already holds it keeps updating it.
+    optimizer that already holds it keeps updating it. ``capture``, None or a list, receives
+    ``(x, grad_y)`` of each backward pass (see :mod:`.csr_ops`, which finds the layer through
+    its handle ``_handle``).
+
+    The structure of ``W^T`` is kept too, as buffers left out of ``state_dict()`` and rebuilt
+    whenever the structure changes (``set_positions``, loading a state dict): ``t_crow`` (its
+    row pointers), ``t_row`` (the row of ``W`` of each of its non-zeros) and ``t_perm`` (where
+    each sits in ``values``), so that the input gradient ``grad_y W`` is a gathering product like
+    the forward one instead of a scatter.
     """
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor,
@@ -127,10 +83,18 @@ class CSRLinear(nn.Module):
         structure = csr_structure(mask.to(device=weight.device, dtype=torch.bool))
         self.register_buffer("crow", structure["crow"])
         self.register_buffer("col", structure["col"])
+        self._transpose_structure()
         self.values = nn.Parameter(weight.detach()[structure["rows"], structure["col"]].clone())
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(
             bias.detach().clone())
         self.capture: list | None = None  # set to a list to keep (x, grad_y) of each backward
+        self._handle = register_layer(self)
+
+    def __setstate__(self, state):
+        """A copy (``copy.deepcopy``, unpickling) gets a handle of its own, so that its backward
+        passes record into its own ``capture``."""
+        super().__setstate__(state)
+        self._handle = register_layer(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor) -> "CSRLinear":
@@ -150,6 +114,7 @@ class CSRLinear(nn.Module):
         layer.values = nn.Parameter(values.detach().clone())
         layer.bias = bias
         layer.capture = None
+        layer._handle = register_layer(layer)
         layer.set_positions(positions)
         return layer
 
@@ -177,6 +142,26 @@ class CSRLinear(nn.Module):
         rows = torch.div(positions, self.in_features, rounding_mode="floor")
         self.crow = _row_pointers(rows, self.out_features)
         self.col = positions - rows * self.in_features
+        self._transpose_structure()
+
+    @torch.no_grad()
+    def _transpose_structure(self) -> None:
+        """Rebuild ``t_crow``, ``t_row`` and ``t_perm`` (the structure of ``W^T``) from ``crow``
+        and ``col``."""
+        perm = torch.argsort(self.col, stable=True)  # rows in order within each column
+        self.register_buffer("t_crow", _row_pointers(self.col, self.in_features),
+                             persistent=False)
+        self.register_buffer("t_row", self.rows().index_select(0, perm), persistent=False)
+        self.register_buffer("t_perm", perm, persistent=False)
+
+    def structure(self) -> tuple[torch.Tensor, ...]:
+        """``(crow, col, t_crow, t_row, t_perm)``, as :func:`.csr_ops.csr_linear` takes them."""
+        return self.crow, self.col, self.t_crow, self.t_row, self.t_perm
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.col.numel() == self.values.numel():  # else load_state_dict reports the sizes
+            self._transpose_structure()
 
     def empty_rows(self) -> int:
         """How many output units have no active input (they output only their bias)."""
@@ -211,24 +196,36 @@ class CSRLinear(nn.Module):
         mask[self.rows(), self.col] = True
         return mask
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the products: autocast's where it is on for the values' device (unless
+        the values are float64, which autocast leaves alone), else the values' own."""
+        device = self.values.device.type
+        if self.values.dtype != torch.float64 and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.values.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"CSRLinear expects inputs with {self.in_features} features in "
                              f"the last dimension, got shape {tuple(x.shape)}")
-        if self.values.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"CSRLinear holds float32 or float64 values, not "
-                             f"{self.values.dtype} (was the model converted, e.g. by .half(), "
-                             "after backend='csr' was set up?); keep the weights in float32 "
-                             "(autocast still runs the rest in lower precision) or use "
-                             "backend='masked'")
+        if self.values.dtype not in DTYPES:
+            raise ValueError(f"CSRLinear holds float64, float32, bfloat16 or float16 values, "
+                             f"not {self.values.dtype}; convert the model to one of them before "
+                             "building the sparsifier, or use backend='masked'")
+        dtype = self.compute_dtype()
+        if dtype not in DTYPES:
+            raise ValueError(f"CSRLinear cannot compute in {dtype} (the autocast dtype); use "
+                             "bfloat16 or float16 autocast, or backend='masked'")
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        if flat.dtype != self.values.dtype:
-            flat = flat.to(self.values.dtype)
-        y = _CSRLinearFunction.apply(flat, self.values, self.crow, self.col,
-                                     (self.out_features, self.in_features), self.capture)
+        values = self.values
+        if flat.dtype != dtype:
+            flat = flat.to(dtype)
+        if values.dtype != dtype:
+            values = values.to(dtype)  # its backward returns the gradient in the values' dtype
+        y, _ = csr_linear(flat, values, *self.structure(), self.in_features, self._handle)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

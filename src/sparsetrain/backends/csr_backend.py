@@ -31,6 +31,7 @@ from ..sparsity.targets import Target
 from .base import BLOCK_ELEMENTS, Block, row_blocks, unavailable
 from .conversion import csr_eligibility
 from .csr import CSRLinear, _default_init
+from .csr_ops import DTYPES as CSR_DTYPES
 from .masked import MaskedBackend, flat_get
 from .optimizer_state import remap_state, state_tensors, swap_param
 
@@ -66,11 +67,11 @@ class CSRBackend:
                           f"sparsified weights is one ({why}), so every layer stays on the "
                           "masked backend", RuntimeWarning, stacklevel=4)
         wrong = [f"{n} ({t.param.dtype})" for t in targets for n in [t.name]
-                 if n in where and t.param.dtype not in (torch.float32, torch.float64)]
+                 if n in where and t.param.dtype not in CSR_DTYPES]
         if wrong:
-            raise ValueError(f"backend='csr' holds float32 and float64 Linear weights, not "
-                             f"{', '.join(wrong)}; keep the weights in float32 (autocast "
-                             "still runs the rest in lower precision) or use backend='masked'")
+            raise ValueError(f"backend='csr' holds float32, float64, bfloat16 and float16 Linear "
+                             f"weights, not {', '.join(wrong)}; convert the model to one of "
+                             "them before building the sparsifier, or use backend='masked'")
         others = [t for t in targets if t.name not in where]
         self.masked = MaskedBackend(others, {t.name: active[t.name] for t in others}, optimizer,
                                     layer_index=self.layer_index)

@@ -1,0 +1,215 @@
+"""The CSR product as ``torch.library`` custom operators, so that ``torch.compile`` traces it.
+
+``sparsetrain::csr_linear(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer)
+-> (y, saved)`` computes ``y = x W^T`` for the CSR weight ``W`` (rows given by ``crow``,
+columns by ``col``; ``t_crow``, ``t_row`` and ``t_perm`` give the structure of ``W^T``, see
+``CSRLinear``); ``saved`` is what its backward reads (``x`` packed in batch tiles for the
+compiled kernels, an empty tensor otherwise). ``sparsetrain::csr_linear_backward`` gives the
+input gradient ``grad_y W`` (with the kernels: the forward product of ``W^T``) and the gradient
+of the values, ``grad_y^T x`` at the non-zeros. Both have fake (meta)
+implementations, so Dynamo and AOTAutograd see them as single graph nodes with known shapes and
+strides, and the autograd formula is registered with ``register_autograd``.
+
+On the CPU they run the OpenMP kernels of ``csrc/csr_kernels.cpp`` in float64, float32,
+bfloat16 and float16 (the 16-bit types summed in float32 and rounded once); where the kernels
+cannot be built, torch's sparse CSR operations, which on the CPU take only float32 and float64:
+there the 16-bit types are computed in float32 and rounded back, with a warning (once).
+
+RigL reads the dense weight gradient of update steps from the input and output gradient of each
+layer (``CSRLinear.capture``). The backward operator records them: ``layer`` is a handle (from
+:func:`register_layer`) through which it finds the layer at run time and appends
+``(x, grad_y)`` to its ``capture`` list when that is not None. The decision is taken when the
+operator runs, not when it is traced, so one compiled graph serves every step, update steps
+included. The recorded tensors are copies (a compiled graph may reuse its buffers) in the
+dtype of the layer's values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+import weakref
+
+import torch
+from torch import Tensor
+
+from ..kernels import compiled_kernels
+
+#: The dtypes of CSR values and inputs.
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+#: Those torch's sparse CSR operations take on the CPU (others run in float32 there).
+FALLBACK_DTYPES = (torch.float64, torch.float32)
+
+_LAYERS: dict[int, weakref.ref] = {}
+_HANDLES = itertools.count()
+_WARNED: set[str] = set()
+
+
+def register_layer(layer) -> int:
+    """A handle through which the operators find ``layer`` (its ``capture`` and values dtype)
+    at run time; the layer is held weakly."""
+    handle = next(_HANDLES)
+    _LAYERS[handle] = weakref.ref(layer, lambda _, handle=handle: _LAYERS.pop(handle, None))
+    return handle
+
+
+def warn_once(key: str, message: str) -> None:
+    """A RuntimeWarning the first time ``key`` comes up in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def use_kernels(x: Tensor) -> bool:
+    """Whether the compiled kernels compute a product with input ``x``."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and compiled_kernels() is not None
+
+
+def tile_width(dtype: torch.dtype) -> int:
+    """Batch examples per packed tile of the kernels (csr_kernels.cpp: tile_width)."""
+    return 32 if dtype == torch.float64 else 64
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
+    with warnings.catch_warnings():  # torch calls its CSR support "beta" on first use
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, size=shape, dtype=values.dtype,
+                                       device=values.device, check_invariants=False)
+
+
+def _fallback_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's sparse operations compute ``dtype`` in, warning if it is another."""
+    if dtype in FALLBACK_DTYPES:
+        return dtype
+    warn_once(f"fallback-{dtype}",
+              f"sparsetrain: the compiled CSR kernels are not available, and torch's sparse CSR "
+              f"operations do not take {dtype}: CSR products run in float32 and are rounded to "
+              f"{dtype} (slower than the kernels; see the warning on why they did not build)")
+    return torch.float32
+
+
+def _check(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, in_features: int) -> None:
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"csr_linear: expected inputs of shape (batch, {in_features}), got "
+                         f"{tuple(x.shape)}")
+    if x.dtype != values.dtype or x.dtype not in DTYPES:
+        raise ValueError(f"csr_linear: inputs ({x.dtype}) and values ({values.dtype}) must be "
+                         f"one of {', '.join(str(d) for d in DTYPES)}, the same for both")
+    if crow.dtype != torch.int64 or col.dtype != torch.int64:
+        raise ValueError("csr_linear: crow and col must be int64")
+
+
+@torch.library.custom_op("sparsetrain::csr_linear", mutates_args=())
+def csr_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Tensor,
+               t_row: Tensor, t_perm: Tensor, in_features: int,
+               layer: int) -> tuple[Tensor, Tensor]:
+    """``(x W^T, saved)`` for ``x`` (batch, in_features); ``layer`` is a handle from
+    :func:`register_layer`, or -1."""
+    _check(x, values, crow, col, in_features)
+    rows, batch = crow.shape[0] - 1, x.shape[0]
+    if use_kernels(x):
+        kernels = compiled_kernels()
+        tiles = kernels.pack_rows(x)
+        y = kernels.csr_forward(crow, col, values.contiguous(), tiles, rows, in_features, batch)
+        return y, tiles
+    compute = _fallback_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen already
+        y_t = _csr(crow, col, values.to(compute), (rows, in_features)) @ x.t().to(compute)
+    return y_t.t().to(x.dtype).contiguous(), x.new_empty(0)
+
+
+@csr_linear.register_fake
+def _csr_linear_fake(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer):
+    rows, batch = crow.shape[0] - 1, x.shape[0]
+    y = x.new_empty((batch, rows))
+    if use_kernels(x):
+        width = tile_width(x.dtype)
+        return y, x.new_empty(((batch + width - 1) // width, in_features, width))
+    return y, x.new_empty(0)
+
+
+def _record(layer: int, x: Tensor, grad_y: Tensor) -> None:
+    """Append copies of ``(x, grad_y)`` to the capture list of layer handle ``layer``, if it
+    has one."""
+    module = _LAYERS[layer]() if layer in _LAYERS else None
+    if module is None or module.capture is None:
+        return
+    dtype = module.values.dtype
+    module.capture.append((x.to(dtype, copy=True), grad_y.to(dtype, copy=True)))
+
+
+@torch.library.custom_op("sparsetrain::csr_linear_backward", mutates_args=())
+def csr_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Tensor,
+                        col: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor,
+                        in_features: int, layer: int, need_input: bool,
+                        need_values: bool) -> tuple[Tensor, Tensor]:
+    """``(grad_y W, grad_y^T x at the non-zeros)``; ``saved`` is the packed ``x`` where the
+    kernels ran the forward, ``x`` itself otherwise. A gradient not needed comes back empty."""
+    rows, batch = crow.shape[0] - 1, grad_y.shape[0]
+    if use_kernels(grad_y):
+        kernels = compiled_kernels()
+        if layer >= 0:
+            _record(layer, kernels.unpack_rows(saved, batch), grad_y)
+        gy_tiles = kernels.pack_rows(grad_y)
+        grad_x, grad_values = grad_y.new_empty(0), grad_y.new_empty(0)
+        if need_input:
+            values_t = values.index_select(0, t_perm)  # (faster than values[t_perm])
+            grad_x = kernels.csr_forward(t_crow, t_row, values_t, gy_tiles, in_features, rows,
+                                         batch)
+        if need_values:
+            grad_values = kernels.csr_weight_grad(crow, col, gy_tiles, saved, in_features,
+                                                  batch)
+        return grad_x, grad_values
+    x = saved
+    if layer >= 0:
+        _record(layer, x, grad_y)
+    with torch.autocast(grad_y.device.type, enabled=False):  # the dtypes are chosen already
+        return _fallback_backward(grad_y, x, values, crow, col, in_features, need_input,
+                                  need_values)
+
+
+def _fallback_backward(grad_y, x, values, crow, col, in_features, need_input, need_values):
+    """csr_linear_backward by torch's sparse operations."""
+    rows = crow.shape[0] - 1
+    compute = _fallback_dtype(grad_y.dtype)
+    grad_y_t = grad_y.t().to(compute).contiguous()
+    shape = (rows, in_features)
+    grad_x, grad_values = grad_y.new_empty(0), grad_y.new_empty(0)
+    if need_input:
+        grad_x = (_csr(crow, col, values.to(compute), shape).t() @ grad_y_t)
+        grad_x = grad_x.t().to(grad_y.dtype).contiguous()
+    if need_values:
+        template = _csr(crow, col, torch.zeros(values.shape, dtype=compute,
+                                               device=values.device), shape)
+        sampled = torch.sparse.sampled_addmm(template, grad_y_t, x.to(compute), beta=0.0)
+        grad_values = sampled.values().to(grad_y.dtype, copy=True)
+    return grad_x, grad_values
+
+
+@csr_linear_backward.register_fake
+def _csr_linear_backward_fake(grad_y, saved, values, crow, col, t_crow, t_row, t_perm,
+                              in_features, layer, need_input, need_values):
+    batch = grad_y.shape[0]
+    grad_x = grad_y.new_empty((batch, in_features) if need_input else (0,))
+    grad_values = values.new_empty(values.shape) if need_values else grad_y.new_empty(0)
+    return grad_x, grad_values
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, crow, col, t_crow, t_row, t_perm, in_features, layer = inputs
+    _, saved = output
+    ctx.save_for_backward(saved if use_kernels(x) else x, values, crow, col, t_crow, t_row,
+                          t_perm)
+    ctx.in_features, ctx.layer = in_features, layer
+    ctx.mark_non_differentiable(saved)
+
+
+def _backward(ctx, grad_y, _grad_saved):
+    need_input, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_values = csr_linear_backward(grad_y, *ctx.saved_tensors, ctx.in_features,
+                                              ctx.layer, need_input, need_values)
+    return (grad_x if need_input else None, grad_values if need_values else None,
+            None, None, None, None, None, None, None)
+
+
+csr_linear.register_autograd(_backward, setup_context=_setup_context)
