@@ -54,6 +54,8 @@ HELP = {
     "lr_schedule": "cosine, step, multistep or constant",
     "lr_milestones": "multistep: fractions of training (<= 1) or epochs",
     "warmup_epochs": "linear learning-rate warm-up, in epochs",
+    "clip_grad_norm": "clip the gradients to this norm of the active ones (the sparsifier's "
+                      "clip_grad_norm_; dense runs: every gradient); off by default",
     "augment": "random crop and flip (default: on for 32x32 colour images)",
     "train_size": "train on the first N training examples only",
     "data_dir": "folder holding the data set files",

@@ -78,6 +78,8 @@ def test_missing_file(tmp_path):
     ({"momentum": -0.5}, r"momentum must be in \[0, 1\)"),
     ({"prune_iterations": 0}, "prune_iterations"),
     ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
+    ({"clip_grad_norm": 0}, "clip_grad_norm must be > 0"),
+    ({"clip_grad_norm": "big"}, "clip_grad_norm"),
     # issue 13: accepted before, and wrong or fatal later
     ({"lr_gamma": -1}, r"lr_gamma must be in \(0, 1\]"),
     ({"lr_gamma": 2}, r"lr_gamma must be in \(0, 1\]"),

@@ -81,6 +81,7 @@ class TrainConfig:
     lr_step_epochs: int = 30
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    clip_grad_norm: float | None = None
     augment: bool | None = None
     train_size: int | None = None
     data_dir: str | None = None
@@ -361,6 +362,10 @@ def check(config: TrainConfig) -> None:
         checks.choice(c.lr_schedule, "lr_schedule", LR_SCHEDULES)
         checks.real_in_range(c.warmup_epochs, "warmup_epochs", 0.0)
         checks.real_in_range(c.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+        if c.clip_grad_norm is not None:
+            checks.positive_real(c.clip_grad_norm, "clip_grad_norm",
+                                 fix="give the largest norm of the active gradients, e.g. 1.0, "
+                                 "or leave it out to train without clipping")
         checks.choice(c.prune_scope, "prune_scope", PRUNE_SCOPES)
         if c.prune_iterations is not None:
             checks.positive_int(c.prune_iterations, "prune_iterations", high=MAX_COUNT)

@@ -263,6 +263,11 @@ class Trainer:
         # DDP averages the shares' gradients: weighting each share's mean loss by its size
         # makes that average the gradient of the whole batch's mean loss
         (loss * (len(y) * self.dist.world / len(idx))).backward()
+        if c.clip_grad_norm is not None:  # after DDP's all-reduce: the same norm on every rank
+            if self.sparsifier is not None:
+                self.sparsifier.clip_grad_norm_(c.clip_grad_norm)
+            else:
+                nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad_norm)
         (self.sparsifier or self.optimizer).step()
         s.step += 1
         s.train_flops += measure.step_training_flops(self.sparsifier, self.dense_flops,
