@@ -228,3 +228,4 @@ def test_the_lm_preset():
     assert len(cells) == 3 + 3 * 2 * 3  # dense once per seed
     assert {(c.model, c.data) for c in cells} == {("gpt-mini", "text")}
     assert sorted({c.method for c in cells}) == ["dense", "rigl", "set", "static"]
+    assert {c.clip_grad_norm for c in cells} == {1.0}  # unclipped dense runs stall on plateaus
