@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/csr_layer_speed.md"))
     args = parser.parse_args(argv)
-    kernels = csr_module.compiled_kernels() is not None
+    kernels = kernels_module.compiled_kernels() is not None
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.features)
     rows = []
