@@ -157,3 +157,38 @@ def test_declared_linear_modules_count_their_active_weights():
         assert flops(model, torch.randn(2, 5, 6), half).weights == 2 * 12 * 5
     finally:
         targets._LAYOUTS.pop(targets._type_key(InOut))
+
+
+def test_the_report_names_the_weights_it_does_not_count():
+    """A module type the counting does not know, owning a 2-D weight, costs no FLOPs in the
+    totals: the report says so (embeddings cost nothing by design and are not listed)."""
+    from sparsetrain.sparsity import targets
+
+    class Bilinear2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 6))
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    model = nn.Sequential(nn.Embedding(10, 6), Bilinear2(), nn.ReLU(), nn.Linear(4, 3))
+    report = flops(model, torch.randint(0, 10, (2, 5)))
+    assert report.uncounted == ["1"]
+    assert report.to_dict()["uncounted"] == ["1"]
+    assert report.weights == 2 * 12 * 5  # the Linear only
+    st.register_weight_layout(Bilinear2, ("weight",), in_dim=1)
+    try:
+        report = flops(model, torch.randint(0, 10, (2, 5)))
+        assert report.uncounted == [] and report.weights == 2 * (12 + 24) * 5
+    finally:
+        targets._LAYOUTS.pop(targets._type_key(Bilinear2))
+
+
+@pytest.mark.parametrize("backend", st.available_backends())
+def test_zoo_models_and_sparse_layers_are_fully_counted(backend):
+    model = st.models.build_model("gpt-mini", num_classes=256, input_shape=(16,), width=0.25)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = st.RigL(model, opt, density=0.2, total_steps=10, backend=backend)
+    report = flops(model, torch.randint(0, 256, (2, 16)), sparsifier.active_counts())
+    assert report.uncounted == []

@@ -19,7 +19,10 @@ with hooks and counts, per layer, three kinds apart:
 
 Totals are per example (divided by the batch size of ``example_input``). A module that stores
 its weight in a form of its own (such as the CSR backend's layer) counts itself: it defines
-``forward_flops(inputs, output) -> (weight FLOPs, bias FLOPs)``.
+``forward_flops(inputs, output) -> (weight FLOPs, bias FLOPs)``. Embedding lookups cost nothing.
+A module of another type that owns a weight of two or more dimensions is not counted: the
+report lists it in ``uncounted`` (declare it with ``register_weight_layout(..., linear=True)``
+or give it ``forward_flops``), so the totals say what they cover.
 
 The training FLOPs of each method (forward and backward passes, RigL paper Appendix H) are the
 plain functions at the end; every method names its own in ``training_flops``.
@@ -65,6 +68,8 @@ class FlopsReport:
     """Forward FLOPs of one example, per module name and in total."""
 
     layers: dict[str, LayerFlops] = field(default_factory=dict)
+    #: modules owning a weight of 2 or more dimensions whose products are not counted
+    uncounted: list[str] = field(default_factory=list)
 
     @property
     def weights(self) -> float:
@@ -86,7 +91,8 @@ class FlopsReport:
         return {"total": self.total, "weights": self.weights, "bias": self.bias,
                 "other": self.other,
                 "layers": {n: {"weights": f.weights, "bias": f.bias, "other": f.other}
-                           for n, f in self.layers.items()}}
+                           for n, f in self.layers.items()},
+                "uncounted": list(self.uncounted)}
 
 
 def _active(param: torch.Tensor, masks: Mapping[str, torch.Tensor | int],
@@ -194,6 +200,20 @@ def _count(module: nn.Module, inputs, output, masks, names) -> LayerFlops:
     return result
 
 
+def _counts_weights(module: nn.Module) -> bool:
+    """Whether the FLOPs of ``module``'s own weights are counted (embeddings: they cost none)."""
+    return (callable(getattr(module, "forward_flops", None))
+            or _declared_linear(module) is not None
+            or isinstance(module, (nn.Linear, *_CONVS, *_TRANSPOSED, nn.RNNBase,
+                                   nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag)))
+
+
+def _uncounted(model: nn.Module, inside_attention: set[int]) -> list[str]:
+    return [name for name, module in model.named_modules()
+            if id(module) not in inside_attention and not _counts_weights(module)
+            and any(p.dim() >= 2 for p in module.parameters(recurse=False))]
+
+
 def _leaves(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention) or not any(True for _ in module.children()):
@@ -256,6 +276,7 @@ def flops(model: nn.Module, example_input, masks: Mapping[str, torch.Tensor] | N
     for _, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             inside_attention.update(id(m) for m in module.modules() if m is not module)
+    report.uncounted = _uncounted(model, inside_attention)
     handles, stack = [], []
 
     def leave(*_) -> None:
