@@ -226,8 +226,9 @@ def _sweep(args: argparse.Namespace) -> int:
     folders = run_sweep(cells, sweep_dir, jobs=args.jobs)
     report_dir = args.report_dir or sweep_dir / "report"
     path = write_report(folders, report_dir, title=f"Sweep {name}")
-    print("\n" + format_table(summarise(collect_runs(folders))))
-    print(f"\nreport written to {path}")
+    rows = summarise(collect_runs(folders))
+    print("\n" + format_table(rows))
+    print(_verdicts(rows) + f"\nreport written to {path}")
     return 0
 
 
@@ -236,9 +237,17 @@ def _report(args: argparse.Namespace) -> int:
 
     runs = collect_runs(args.runs)
     path = write_report(args.runs, args.out, title=args.title)
-    print(format_table(summarise(runs)))
-    print(f"\nreport written to {path}")
+    rows = summarise(runs)
+    print(format_table(rows))
+    print(_verdicts(rows) + f"\nreport written to {path}")
     return 0
+
+
+def _verdicts(rows) -> str:
+    from .runner.report import format_verdicts
+
+    text = format_verdicts(rows)
+    return f"\n{text}\n" if text else ""
 
 
 def _list() -> int:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .results import DYNAMIC, is_number, method_rank, run_key, run_kind
+from .comparison import method_label
+from .results import DYNAMIC, is_number, method_rank, run_key, run_kind, run_length
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ def _captions(m: Measure, kind: str) -> list[str]:
     return [f"{m.label.capitalize()}{lower} against density (log scale; the dashed line is "
             "dense training); error bars are the standard deviation over seeds.",
             f"{m.label.capitalize()} against training FLOPs relative to dense (RigL paper, "
-            "Appendix H).",
-            f"{m.label.capitalize()} after every epoch, one panel per density."]
+            "Appendix H); error bars as above.",
+            f"{m.label.capitalize()} after every epoch, one panel per density: the mean over "
+            "seeds, shaded one standard deviation either side."]
 
 
 LAYERS_CAPTION = "The density of every layer at the lowest overall density."
@@ -107,8 +109,8 @@ def _decorate(ax, xlabel: str, ylabel: str | None, title: str, legend_size: int 
 
 def _series_label(row: dict[str, Any], several_distributions: bool) -> str:
     if several_distributions and row["distribution"] != "-":
-        return f"{row['method']} ({row['distribution']})"
-    return row["method"]
+        return f"{method_label(row)} ({row['distribution']})"
+    return method_label(row)
 
 
 def _plot_measure_vs(rows, m: Measure, x_key: str, path: Path, xlabel: str, title: str) -> bool:
@@ -127,8 +129,11 @@ def _plot_measure_vs(rows, m: Measure, x_key: str, path: Path, xlabel: str, titl
         ax.errorbar([r[x_key] for r in items], [r[m.row] for r in items],
                     yerr=[r[m.std] for r in items], marker="o", capsize=3, label=label)
     if dense:
-        ax.axhline(statistics.fmean(r[m.row] for r in dense), color="black",
-                   linestyle="--", label="dense")
+        level = statistics.fmean(r[m.row] for r in dense)
+        ax.axhline(level, color="black", linestyle="--", label="dense")
+        spread = max((r[m.std] or 0.0) for r in dense) if len(dense) == 1 else 0.0
+        if spread:
+            ax.axhspan(level - spread, level + spread, color="black", alpha=0.08)
     ax.set_xscale("log")
     values = sorted({r[x_key] for items in series.values() for r in items})
     ax.set_xticks(values)
@@ -140,23 +145,32 @@ def _plot_measure_vs(rows, m: Measure, x_key: str, path: Path, xlabel: str, titl
 
 def _plot_curves(runs, m: Measure, path: Path) -> bool:
     plt = _pyplot()
-    by_density: dict[float, dict[str, list]] = defaultdict(dict)
+    # density -> label -> the curves of its seeds (epoch -> value)
+    by_density: dict[float, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        points = [(e["epoch"], e[m.eval_key]) for e in run["evals"]
-                  if is_number(e.get(m.eval_key))]
+        points = {e["epoch"]: e[m.eval_key] for e in run["evals"]
+                  if is_number(e.get(m.eval_key))}
         if not points:
             continue
         _, method, _, density = run_key(run["summary"])
-        by_density[density].setdefault(method, points)  # the first seed found
+        label = method_label({"method": method, "length": run_length(run["summary"])})
+        by_density[density][label].append(points)
     if not by_density:
         return False
     densities = sorted(by_density, reverse=True)
     fig, axes = plt.subplots(1, len(densities), figsize=(4.2 * len(densities), 3.8),
                              sharey=True, squeeze=False)
     for ax, density in zip(axes[0], densities):
-        for method, points in sorted(by_density[density].items(),
-                                     key=lambda kv: method_rank(kv[0])):
-            ax.plot(*zip(*points), marker=".", label=method)
+        for label, curves in sorted(by_density[density].items(),
+                                    key=lambda kv: method_rank(kv[0].split()[0])):
+            epochs = sorted(set.intersection(*(set(c) for c in curves)))
+            mean = [statistics.fmean(c[e] for c in curves) for e in epochs]
+            line, = ax.plot(epochs, mean, marker=".", label=f"{label} ({len(curves)})")
+            if len(curves) > 1:
+                std = [statistics.stdev(c[e] for c in curves) for e in epochs]
+                ax.fill_between(epochs, [a - b for a, b in zip(mean, std)],
+                                [a + b for a, b in zip(mean, std)], color=line.get_color(),
+                                alpha=0.2)
         _decorate(ax, "epoch", None, f"density {density:.3g}", legend_size=7)
     axes[0][0].set_ylabel(m.label)
     fig.suptitle(f"Learning curves ({m.label} after each epoch)")

@@ -21,11 +21,13 @@ import html
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .comparison import method_label, verdicts
 from .folder import SUMMARY
 from .plots import make_plots
 from .results import KINDS, bits, collect_runs, data_descriptions, summarise
 
-__all__ = ["TABLES", "collect_runs", "format_table", "summarise", "write_report"]
+__all__ = ["TABLES", "collect_runs", "format_table", "format_verdicts", "summarise",
+           "write_report"]
 
 
 def _ratio(value: float | None) -> str:
@@ -36,18 +38,28 @@ def _spread(mean: str, std: str) -> Callable[[dict[str, Any]], str]:
     return lambda r: f"{r[mean]:.4f} ± {r[std]:.4f} ({r['n']})"
 
 
+def _vs_static(row: dict[str, Any]) -> str:
+    d = row["vs_static"]
+    if d is None:
+        return "-"
+    if d.low is None:
+        return f"{d.mean:+.4f} (1)"
+    return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] ({d.n})"
+
+
 Column = tuple[str, Callable[[dict[str, Any]], str]]
-_FIRST: list[Column] = [("model", lambda r: r["model"]), ("method", lambda r: r["method"]),
+_FIRST: list[Column] = [("model", lambda r: r["model"]), ("method", method_label),
                         ("distribution", lambda r: r["distribution"]),
                         ("density", lambda r: f"{r['density']:.3g}")]
 _FLOPS: list[Column] = [("train FLOPs vs dense", lambda r: _ratio(r["train_flops"])),
                         ("inference FLOPs vs dense", lambda r: _ratio(r["inference_flops"]))]
 #: The columns of the table of each kind of data (the first three are text, left-aligned).
 TABLES: dict[str, list[Column]] = {
-    "classification": _FIRST + [("accuracy (mean ± std, n)", _spread("accuracy", "std"))]
-    + _FLOPS,
+    "classification": _FIRST + [("accuracy (mean ± std, n)", _spread("accuracy", "std")),
+                                ("vs Static, paired [95% CI] (n)", _vs_static)] + _FLOPS,
     "sequence": _FIRST + [
         ("validation loss, nats/byte (mean ± std, n)", _spread("loss", "loss_std")),
+        ("vs Static, paired [95% CI] (n)", _vs_static),
         ("bits/byte", lambda r: f"{bits(r['loss']):.4f}"),
         ("next-byte accuracy (mean ± std)", lambda r: f"{r['accuracy']:.4f} ± {r['std']:.4f}"),
     ] + _FLOPS,
@@ -74,6 +86,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n\n".join(tables)
 
 
+def format_verdicts(rows: list[dict[str, Any]]) -> str:
+    """What the intervals allow one to say against Static, a line per density (empty when no
+    row has a Static row to compare with)."""
+    lines = verdicts(rows)
+    if not lines:
+        return ""
+    return ("Against Static over the same seeds (a method is ranked only where the 95% interval "
+            "of the paired difference excludes 0):\n" + "\n".join(f"- {x}" for x in lines))
+
+
 def _intro(finished: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     models = sorted({r["summary"].get("model", "?") for r in finished})
     data = sorted({r["summary"].get("data", "?") for r in finished})
@@ -87,6 +109,9 @@ def _intro(finished: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
                  "the bytes before it, in nats per byte at the end of training (mean ± "
                  "standard deviation over seeds, n runs; lower is better; bits per byte = "
                  "nats / ln 2), next-byte accuracy the fraction of bytes predicted right; ")
+    text += ("'vs Static' is the mean over seeds of the difference to Static run with the same "
+             "seed, at the same density, with its 95% confidence interval (Student's t over the "
+             "n paired seeds; no interval for n = 1); ")
     text += "FLOPs count a multiply-add as 2 and are relative to the dense model"
     if "sequence" in kinds:
         text += (" (they include attention's products and softmax, which sparse weights do not "
@@ -109,7 +134,10 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path, *,
     intro = _intro(finished, rows)
     data = data_descriptions(finished)
     unfinished = [r["folder"].name for r in runs if r["summary"] is None]
+    verdict = format_verdicts(rows)
     md = [f"# {title}", "", intro, "", format_table(rows), ""]
+    if verdict:
+        md += [verdict, ""]
     if data:
         md += ["Data: " + "; ".join(data), ""]
     for name, caption in made:
@@ -119,11 +147,11 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path, *,
         md += ["", "Not finished (left out): " + ", ".join(f"`{n}`" for n in unfinished)]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     (out_dir / "report.html").write_text(_html(title, intro, rows, data, made, finished,
-                                               unfinished))
+                                               unfinished, verdicts(rows)))
     return out_dir / "report.md"
 
 
-def _html(title, intro, rows, data, made, finished, unfinished) -> str:
+def _html(title, intro, rows, data, made, finished, unfinished, verdict_lines) -> str:
     e = html.escape
     tables = "".join(
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h, _ in columns) + "</tr>"
@@ -131,6 +159,10 @@ def _html(title, intro, rows, data, made, finished, unfinished) -> str:
                   for r in chosen) + "</table>"
         for columns, chosen in _tables(rows))
     described = f"<p>Data: {e('; '.join(data))}</p>" if data else ""
+    if verdict_lines:
+        described = ("<p>Against Static over the same seeds (ranked only where the 95% interval "
+                     "excludes 0):</p><ul>" + "".join(f"<li>{e(x)}</li>" for x in verdict_lines)
+                     + "</ul>" + described)
     figures = "".join(f'<figure><img src="{e(n)}" alt="{e(n)}"><figcaption>{e(c)}</figcaption>'
                       "</figure>" for n, c in made)
     runs = "".join(f"<li><code>{e(r['folder'].name)}</code></li>" for r in finished)

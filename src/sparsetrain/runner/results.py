@@ -4,7 +4,10 @@
 ``summary.json``; folders without one are unfinished); a run folder whose summary cannot be
 read or lacks what a report shows is a ``ConfigError`` that names the file. ``summarise(runs)``
 groups the finished ones into rows, one per (kind of data, model, method, distribution,
-density), with means and standard deviations over the seeds.
+density, training length), with means and standard deviations over the seeds, and for every
+method but Static the paired difference to Static at the same density and length over the
+seeds both have, with its 95% confidence interval (``stats.paired_difference``; accuracy:
+higher is better, loss: lower is better; ``comparison``).
 
 The kind of data (``"data_kind"`` of a summary, the data set's ``Dataset.kind``; summaries
 without it are of classification runs) decides what a row measures: test accuracy on
@@ -23,6 +26,7 @@ from typing import Any, Iterable
 
 from .config import ConfigError
 from .folder import SUMMARY, find_run_folders, is_run_folder, read_metrics, read_summary
+from .comparison import compare_to_static, judged_by
 
 METHOD_ORDER = ["dense", "small-dense", "static", "snip", "grasp", "synflow", "set", "snfs",
                 "rigl", "gmp"]
@@ -123,16 +127,35 @@ def run_key(summary: dict[str, Any]) -> tuple[str, str, str, float]:
     return summary.get("model", "?"), method, distribution, density
 
 
+def run_length(summary: dict[str, Any]) -> float:
+    """The training-length multiplier of a run (1 for runs without one)."""
+    length = summary.get("config", {}).get("length", 1.0)
+    return float(length) if is_number(length) else 1.0
+
+
+def _by_seed(items: list[dict[str, Any]], key: str) -> dict[int, float] | None:
+    """seed -> value of the runs of one row; ``None`` if a seed occurs twice (runs that differ
+    in a setting the row does not show cannot be paired)."""
+    values: dict[int, float] = {}
+    for s in items:
+        seed = s.get("config", {}).get("seed")
+        if not is_number(seed) or seed in values or not is_number(s.get(key)):
+            return None
+        values[int(seed)] = float(s[key])
+    return values
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (kind, model, method, distribution, density): accuracy and loss mean and
     std over seeds, FLOPs relative to dense; sorted by kind, model, density (descending) and
     method."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
-        if run["summary"] is not None:
-            groups[(run_kind(run["summary"]), *run_key(run["summary"]))].append(run["summary"])
+        s = run["summary"]
+        if s is not None:
+            groups[(run_kind(s), *run_key(s), run_length(s))].append(s)
     rows = []
-    for (kind, model, method, distribution, density), items in groups.items():
+    for (kind, model, method, distribution, density, length), items in groups.items():
 
         def spread(key):
             values = [s[key] for s in items if s.get(key) is not None]
@@ -144,13 +167,15 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loss, loss_std = spread("test_loss")
         rows.append({
             "kind": kind, "model": model, "method": method, "distribution": distribution,
-            "density": density, "actual_density": spread("density")[0], "n": len(items),
-            "accuracy": accuracy, "std": std, "loss": loss, "loss_std": loss_std,
-            "train_flops": spread("train_flops_vs_dense")[0],
+            "density": density, "length": length, "actual_density": spread("density")[0],
+            "n": len(items), "accuracy": accuracy, "std": std, "loss": loss,
+            "loss_std": loss_std, "train_flops": spread("train_flops_vs_dense")[0],
             "inference_flops": spread("inference_flops_vs_dense")[0],
+            "seeds": _by_seed(items, judged_by(kind)[0]), "vs_static": None,
         })
+    compare_to_static(rows)
     rows.sort(key=lambda r: (KINDS.index(r["kind"]), r["model"], -r["density"],
-                             method_rank(r["method"]), r["distribution"]))
+                             method_rank(r["method"]), r["length"], r["distribution"]))
     return rows
 
 
