@@ -51,9 +51,12 @@ HELP = {
     "prune_scope": "pruning at initialisation: global or layer",
     "prune_iterations": "pruning at initialisation: rounds (SynFlow: 100 by default)",
     "prune_batches": "pruning at initialisation: training batches used for the scores",
+    "length": "training-length multiplier (RigL paper's 2x, 5x): trains epochs * LENGTH epochs "
+              "(a whole number) with every schedule stretched alike (learning rate, t_end, "
+              "GMP's start and end); delta_t stays",
     "lr_schedule": "cosine, step, multistep or constant",
-    "lr_milestones": "multistep: fractions of training (<= 1) or epochs",
-    "warmup_epochs": "linear learning-rate warm-up, in epochs",
+    "lr_milestones": "multistep: fractions of training (<= 1) or epochs (times --length)",
+    "warmup_epochs": "linear learning-rate warm-up, in epochs (times --length)",
     "clip_grad_norm": "clip the gradients to this norm of the active ones (the sparsifier's "
                       "clip_grad_norm_; dense runs: every gradient); off by default",
     "augment": "random crop and flip (default: on for 32x32 colour images)",
@@ -198,9 +201,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
     base: dict[str, Any] = {}
     grid: dict[str, Any] = {}
+    exclude: list[Any] = []
     name = "grid"
     if args.preset:
         base, grid = dict(PRESETS[args.preset]["base"]), dict(PRESETS[args.preset]["grid"])
+        exclude = list(PRESETS[args.preset].get("exclude", []))
         name = args.preset
     if args.config:
         file_base, file_grid = load_sweep_file(args.config)
@@ -221,7 +226,7 @@ def _sweep(args: argparse.Namespace) -> int:
                             "at the same time; 1 trains them one after the other")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    cells = expand_grid(base, grid)
+    cells = expand_grid(base, grid, exclude)
     sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{name}"
     folders = run_sweep(cells, sweep_dir, jobs=args.jobs)
     report_dir = args.report_dir or sweep_dir / "report"
@@ -307,8 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = (f"{trainer.dist.world} processes ({trainer.device})" if trainer.dist.active
                  else str(trainer.device))
         trainer.log(f"sparsetrain: {config.model} on {config.data} with {config.method} at "
-                    f"density {config.density}, {config.epochs} epochs ({trainer.total_steps} "
-                    f"steps) on {where}; run folder {out}")
+                    f"density {config.density}, {config.trained_epochs()} epochs"
+                    f"{f' (length {config.length:g})' if config.length != 1 else ''} "
+                    f"({trainer.total_steps} steps) on {where}; run folder {out}")
         summary = trainer.train()
     except SweepStopped as exc:
         print(f"sparsetrain: {exc}", file=sys.stderr)

@@ -30,7 +30,7 @@ from ..pruning import prune_at_init, small_dense_width
 from ..sparsity.masks import density_mismatch, validate_masks
 from ..sparsity.targets import partition
 from . import folder
-from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig
+from .config import MAX_COUNT, PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig
 from .data_order import epoch_order
 from .distributed import Distributed
 from .measure import flat_predictions
@@ -147,7 +147,7 @@ def build_run(config: TrainConfig, dist: Distributed, log: Log,
     check_model_fits_data(c, data)
     n_train = len(data.train_y) if c.train_size is None else min(len(data.train_y), c.train_size)
     steps_per_epoch = math.ceil(n_train / c.batch_size)
-    total_steps = steps_per_epoch * c.epochs
+    total_steps = steps_per_epoch * c.trained_epochs()  # epochs * length
     width = small_dense(c, data, log) if c.method == SMALL_DENSE else c.width
     torch.manual_seed(c.seed)
     model = build_network(c, data, width).to(device)
@@ -222,14 +222,36 @@ def _saved_pruned_masks(checkpoint: dict[str, Any], model: nn.Module, density: f
     return saved
 
 
+#: Method options that name a step of training (the methods' ``t_start``, ``t_end``; GMP's
+#: ``start_step``, ``end_step``): given for the run at length 1, they are multiplied by the
+#: training length. Periods (``delta_t``, ``frequency``) are not: the RigL paper's longer runs
+#: keep the update interval (google-research/rigl, ``imagenet_train_eval.py``: its
+#: ``training_steps_multiplier`` scales ``maskupdate_begin_step`` and ``maskupdate_end_step``,
+#: not ``maskupdate_frequency``).
+STEP_OPTIONS = ("t_start", "t_end", "start_step", "end_step")
+
+
+def scaled_step_options(options: dict[str, Any], length: float) -> dict[str, Any]:
+    """``options`` with each ``STEP_OPTIONS`` integer s in [1, ``MAX_COUNT``] as
+    ``max(1, round(s * length))``; other values as given, for the method to check."""
+    scaled = dict(options)
+    for key in STEP_OPTIONS:
+        value = scaled.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_COUNT:
+            scaled[key] = max(1, round(value * length))
+    return scaled
+
+
 def _registered_sparsifier(c: TrainConfig, model: nn.Module, optimizer, total_steps: int):
     # the schedule settings every method may take; each gets those its constructor names
+    # (t_end, and GMP's default start and end, are fractions of total_steps, which the
+    # training length has scaled already)
     schedule = dict(distribution=c.distribution, delta_t=c.delta_t, alpha=c.alpha,
                     drop_fraction_decay=c.drop_fraction_decay,
                     t_end=max(1, int(c.t_end * total_steps)))
     accepted = inspect.signature(get_method(c.method).__init__).parameters
     options: dict[str, Any] = {k: v for k, v in schedule.items() if k in accepted}
-    options.update(c.method_options)
+    options.update(scaled_step_options(c.method_options, c.length))
     try:
         return make_sparsifier(c.method, model, optimizer, **_common_options(c, total_steps),
                                **options)

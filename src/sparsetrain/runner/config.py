@@ -69,6 +69,7 @@ class TrainConfig:
     prune_iterations: int | None = None
     prune_batches: int = 4
     epochs: int = 10
+    length: float = 1.0
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -108,6 +109,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: _plain(getattr(self, k)) for k in self.keys()}
 
+    def trained_epochs(self) -> int:
+        """The epochs the run trains: ``epochs * length`` (``check`` accepts only settings
+        that make it a whole number, within float rounding)."""
+        return round(self.epochs * self.length)
+
     def semantic_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.NON_SEMANTIC}
 
@@ -145,9 +151,19 @@ def normalise_key(key: str) -> str:
     return str(key).strip().replace("-", "_")
 
 
+def _close_setting(name: str) -> list[str]:
+    """The setting ``name`` was likely meant for: a close spelling (difflib ratio 0.6 or more),
+    or a fair one (0.5) that shares a word with it ('decay' -> 'weight_decay'); so that
+    'learning_rate' is not taken for 'length' (0.53)."""
+    words = {w for w in name.split("_") if w}
+    return [k for k in difflib.get_close_matches(name, TrainConfig.keys(), n=3, cutoff=0.5)
+            if difflib.SequenceMatcher(None, k, name).ratio() >= 0.6
+            or words & set(k.split("_"))][:1]
+
+
 def unknown_key_error(key: str, where: str) -> ConfigError:
     keys = TrainConfig.keys()
-    close = difflib.get_close_matches(normalise_key(key), keys, n=1, cutoff=0.5)
+    close = _close_setting(normalise_key(key))
     hint = f"; did you mean {close[0]!r}?" if close else f"; the settings are: {', '.join(keys)}"
     return ConfigError(f"unknown setting {key!r} in {where}{hint}")
 
@@ -344,6 +360,7 @@ def check(config: TrainConfig) -> None:
         for name in ("epochs", "batch_size", "lr_step_epochs", "delta_t", "prune_batches",
                      "log_every"):
             checks.positive_int(getattr(c, name), name, high=MAX_COUNT)
+        _check_length(c.length, c.epochs)
         checks.positive_real(c.lr, "lr")
         checks.real_in_range(c.momentum, "momentum", 0.0, 1.0, high_open=True)
         checks.real_in_range(c.weight_decay, "weight_decay", 0.0)
@@ -387,6 +404,23 @@ def check(config: TrainConfig) -> None:
         _require("\0" not in (getattr(c, name) or ""),
                  f"{name} must be a path, got {checks.shown(getattr(c, name))} (it holds a NUL "
                  "character)")
+
+
+def _check_length(length: float, epochs: int) -> None:
+    """``length`` finite and > 0, and ``epochs * length`` a whole number of epochs from 1 to
+    ``MAX_COUNT`` (a run trains whole epochs, and the schedules stretch by ``length``
+    exactly only then)."""
+    checks.positive_real(length, "length", fix="length multiplies the training (epochs and every "
+                         "schedule): give e.g. --length 2 or --length 5, or leave it out for 1")
+    product = epochs * length
+    _require(product <= MAX_COUNT,
+             f"length {length:g} times epochs {epochs} is {product:g} epochs, more than "
+             f"{MAX_COUNT}; give a smaller --length or --epochs")
+    whole = round(product)
+    _require(whole >= 1 and abs(product - whole) <= 1e-6 * max(1.0, product),
+             f"length {length:g} times epochs {epochs} is {product:g} epochs, but a run trains "
+             f"whole epochs; give a length that makes epochs * length a whole number of at "
+             f"least 1 (e.g. --length 2), or change --epochs")
 
 
 def _check_method_options(options: dict[str, Any]) -> None:

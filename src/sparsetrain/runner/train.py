@@ -215,7 +215,7 @@ class Trainer:
             epoch, offset = divmod(s.step, self.steps_per_epoch)
             order = epoch_order(self.n_train, c.seed, epoch)
             bar = progress(total=self.steps_per_epoch, initial=offset,
-                           desc=f"epoch {epoch + 1}/{c.epochs}")
+                           desc=f"epoch {epoch + 1}/{c.trained_epochs()}")
             try:
                 for i in range(offset, self.steps_per_epoch):
                     self._step(order[i * c.batch_size:(i + 1) * c.batch_size], epoch)
@@ -356,7 +356,8 @@ class Trainer:
                 "eval/loss": test_loss, "eval/accuracy": test_acc,
                 "eval/bits_per_byte": measure.bits(test_loss) if sequence else None,
                 "density/overall": record["density"], "density/ever_active": record["ever_active"]})
-        self.log(f"epoch {epoch + 1}/{self.config.epochs}: {self._results(test_loss, test_acc)}"
+        self.log(f"epoch {epoch + 1}/{self.config.trained_epochs()}: "
+                 f"{self._results(test_loss, test_acc)}"
                  f", density {record['density']:.4f} of the sparsifiable weights")
 
     def _results(self, loss: float, accuracy: float) -> str:
@@ -378,19 +379,24 @@ class Trainer:
             "method": c.method,
             "model": c.model,
             "data": c.data,
-            "epochs": c.epochs,
+            "epochs": c.trained_epochs(),  # epochs * length: those trained
+            "length": c.length,
             "steps": s.step,
             "wall_time_s": round(s.wall_time_s, 3),
             "layer_densities": self.layer_densities(),
             "width": self.width,
             "train_flops": s.train_flops,
-            "train_flops_vs_dense": s.train_flops / (3 * self.dense_flops * max(1, s.examples)),
+            # relative to dense training of the same model and data at length 1 (3 f_D per
+            # example, epochs * n_train examples): a run at length 5 costs about 5x its 1x run
+            "train_flops_vs_dense": s.train_flops / (3 * self.dense_flops
+                                                     * max(1, self.n_train * c.epochs)),
             "inference_flops": self.sparse_flops,
             "inference_flops_vs_dense": self.sparse_flops / self.dense_flops,
             "ever_active_fraction": self.ever_active_fraction(),
             "flops_note": "a multiply-add counts as 2 FLOPs; per example" + (
                 f" (a sequence of {self.data.input_shape[0]} bytes)"
-                if self.data.kind == "sequence" else ""),
+                if self.data.kind == "sequence" else "") + "; train_flops_vs_dense is relative "
+            "to dense training at length 1 (epochs, not epochs * length)",
             "data_kind": self.data.kind,
             "config": c.to_dict(),
         }
