@@ -7,7 +7,7 @@ Two lines in any training loop::
     sparsifier.step()   # in place of optimizer.step()
 """
 
-from . import data, models
+from . import analysis, data, models
 from .flops import FlopsReport, flops
 from .methods import (
     GMP,
@@ -48,6 +48,7 @@ __all__ = [
     "FlopsReport",
     "flops",
     "training_flops_per_example",
+    "analysis",
     "data",
     "models",
     "DynamicSparsifier",
