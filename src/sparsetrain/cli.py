@@ -51,6 +51,9 @@ HELP = {
     "prune_scope": "pruning at initialisation: global or layer",
     "prune_iterations": "pruning at initialisation: rounds (SynFlow: 100 by default)",
     "prune_batches": "pruning at initialisation: training batches used for the scores",
+    "prune_ablation": "pruning at initialisation, a sanity check: 'shuffle' moves the active "
+                      "weights to random places in each layer (same counts), 'reinit' draws "
+                      "the weights afresh under the pruned masks",
     "length": "training-length multiplier (RigL paper's 2x, 5x): trains epochs * LENGTH epochs "
               "(a whole number) with every schedule stretched alike (learning rate, t_end, "
               "GMP's start and end); delta_t stays",

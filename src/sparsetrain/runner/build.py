@@ -27,6 +27,7 @@ from ..methods import get_method, make_sparsifier
 from ..methods.dst import Static
 from ..models import build_model, model_inputs
 from ..pruning import prune_at_init, small_dense_width
+from ..pruning.ablations import shuffle_masks
 from ..sparsity.masks import density_mismatch, validate_masks
 from ..sparsity.targets import partition
 from . import folder
@@ -162,9 +163,11 @@ def build_run(config: TrainConfig, dist: Distributed, log: Log,
     elif c.method in PRUNE_AT_INIT_METHODS:
         # on resume the checkpoint holds the masks (their per-layer counts are the pruning's,
         # which a CSR layer must have before the weights are loaded)
-        masks = (_pruned_masks(c, model, data, n_train, steps_per_epoch, device, dist, log)
-                 if checkpoint is None
-                 else _saved_pruned_masks(checkpoint, model, c.density))
+        if checkpoint is None:
+            masks = _pruned_masks(c, model, data, n_train, steps_per_epoch, device, dist, log)
+            masks = _ablate(c, model, masks, data, width, device, log)
+        else:  # the checkpoint holds the ablated masks and weights
+            masks = _saved_pruned_masks(checkpoint, model, c.density)
         sparsifier = Static(model, optimizer, distribution=c.distribution, masks=masks,
                             **_common_options(c, total_steps))
     else:
@@ -263,6 +266,25 @@ def _registered_sparsifier(c: TrainConfig, model: nn.Module, optimizer, total_st
 def _flat_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per prediction (per example, or per position of a sequence)."""
     return nn.functional.cross_entropy(*flat_predictions(out, y))
+
+
+#: Added to the seed to draw the weights of ``--prune-ablation reinit`` afresh.
+REINIT_SEED_OFFSET = 1_000_003
+
+
+def _ablate(c: TrainConfig, model: nn.Module, masks: dict[str, torch.Tensor], data: Dataset,
+            width: float, device: torch.device, log: Log) -> dict[str, torch.Tensor]:
+    """``--prune-ablation``: the pruned masks shuffled within each layer (exact counts), or
+    the model's weights drawn again from another seed under the same masks."""
+    if c.prune_ablation == "shuffle":
+        masks = shuffle_masks(masks, c.seed)
+        log(f"{c.method}: masks shuffled within each layer (the same count in each)")
+    elif c.prune_ablation == "reinit":
+        torch.manual_seed(c.seed + REINIT_SEED_OFFSET)
+        model.load_state_dict(build_network(c, data, width).to(device).state_dict())
+        log(f"{c.method}: weights drawn afresh (seed {c.seed} + {REINIT_SEED_OFFSET}) under "
+            "the pruned masks")
+    return masks
 
 
 def _pruned_masks(c: TrainConfig, model: nn.Module, data: Dataset, n_train: int,

@@ -24,6 +24,7 @@ import yaml
 
 from .. import checks
 from ..sparsity.distributions import DISTRIBUTIONS, check_erk_power_scale
+from ..pruning.ablations import ABLATIONS
 from ..sparsity.schedules import DROP_FRACTION_DECAYS
 
 
@@ -68,6 +69,7 @@ class TrainConfig:
     prune_scope: str = "global"
     prune_iterations: int | None = None
     prune_batches: int = 4
+    prune_ablation: str | None = None
     epochs: int = 10
     length: float = 1.0
     batch_size: int = 128
@@ -384,6 +386,8 @@ def check(config: TrainConfig) -> None:
                                  fix="give the largest norm of the active gradients, e.g. 1.0, "
                                  "or leave it out to train without clipping")
         checks.choice(c.prune_scope, "prune_scope", PRUNE_SCOPES)
+        if c.prune_ablation is not None:
+            checks.choice(c.prune_ablation, "prune_ablation", ABLATIONS)
         if c.prune_iterations is not None:
             checks.positive_int(c.prune_iterations, "prune_iterations", high=MAX_COUNT)
         checks.non_negative_int(c.checkpoint_every, "checkpoint_every", high=MAX_COUNT,
@@ -394,6 +398,10 @@ def check(config: TrainConfig) -> None:
         checks.choice(c.backend, "backend", BACKENDS)
         _check_method_options(c.method_options)
         _check_data_options(c.data_options)
+    _require(c.prune_ablation is None or c.method in PRUNE_AT_INIT_METHODS,
+             f"prune_ablation changes the masks or weights of pruning at initialisation; "
+             f"method {c.method!r} does not prune at initialisation: use one of "
+             f"{', '.join(PRUNE_AT_INIT_METHODS)}, or leave prune_ablation out")
     _require(c.backend == "masked" or c.method not in ("dense", "small-dense"),
              f"backend 'csr' holds sparse weights; method {c.method!r} has none: use "
              "--backend masked")

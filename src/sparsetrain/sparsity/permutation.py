@@ -32,7 +32,7 @@ CHUNK = 1 << 18
 
 #: What an order is for; part of the words, so that the orders of different purposes are
 #: independent.
-INIT, DROP, GROW, PRUNE = 1, 2, 3, 4
+INIT, DROP, GROW, PRUNE, SHUFFLE = 1, 2, 3, 4, 5
 
 
 def _splitmix64(x: int) -> int:
