@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", type=Path, help="run folders or folders of runs")
     report.add_argument("--out", type=Path, default=Path("reports/latest"))
     report.add_argument("--title", default=None)
+    analyze = commands.add_parser(
+        "analyze", help="mask overlap and gradient flow of finished runs",
+        description="Write analysis.md with plots: the overlap of the final masks across seeds "
+                    "and methods, and the gradient norms logged through training.")
+    analyze.add_argument("runs", nargs="+", type=Path, help="run folders or folders of runs")
+    analyze.add_argument("--out", type=Path, default=Path("reports/analysis"))
     commands.add_parser("list", help="list the models, data sets and methods")
     return parser
 
@@ -251,6 +257,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .runner.analyze import write_analysis
+
+    path = write_analysis(args.runs, args.out)
+    print(f"analysis written to {path}")
+    return 0
+
+
 def _verdicts(rows) -> str:
     from .runner.report import format_verdicts
 
@@ -308,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("sweep", "report"):
             return _sweep(args) if args.command == "sweep" else _report(args)
+        if args.command == "analyze":
+            return _analyze(args)
         config, resume = resolve_config(args)
         out = run_folder(config)
         _check_out(out)

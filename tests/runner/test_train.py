@@ -237,3 +237,25 @@ def test_csr_backend_run_costs_what_the_masked_one_does(tmp_path):
         config(backend="sparse")
     with pytest.raises(ValueError, match="not available on backend='csr'"):
         Trainer(config(method="snfs", backend="csr"), tmp_path / "s", log=quiet)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path):
+    """Settings added later (length, clip_grad_norm, prune_ablation) are missing from older
+    checkpoints; there they had their defaults, so the run resumes."""
+    from sparsetrain.runner import folder
+
+    straight = Trainer(config(), tmp_path / "a", log=quiet)
+    straight.train()
+    first = Trainer(config(), tmp_path / "b", log=quiet)
+    first.train(on_step=lambda t: t.state.step == 5 and t.request_stop())
+    path = tmp_path / "b" / folder.CHECKPOINT
+    checkpoint = torch.load(path, weights_only=True)
+    for key in ("length", "clip_grad_norm", "prune_ablation"):
+        del checkpoint["config"][key]
+    checkpoint[folder.DIGEST] = folder.content_digest(checkpoint)
+    torch.save(checkpoint, path)
+    resumed = Trainer(config(), tmp_path / "b", resume=True, log=quiet)
+    resumed.train()
+    assert_same(final_state(straight), final_state(resumed))
+    with pytest.raises(ConfigError, match="length: saved 1.0, now 2"):
+        Trainer(config(length=2), tmp_path / "b", resume=True, log=quiet)

@@ -9,7 +9,7 @@
 
 from .gradients import gradient_norms
 from .interpolation import LinePoint, interpolate_states, loss_along_line
-from .overlap import MaskOverlap, mask_overlap
+from .overlap import MaskOverlap, mask_overlap, position_overlap
 
 __all__ = ["LinePoint", "MaskOverlap", "gradient_norms", "interpolate_states",
-           "loss_along_line", "mask_overlap"]
+           "loss_along_line", "mask_overlap", "position_overlap"]

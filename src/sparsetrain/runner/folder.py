@@ -291,10 +291,13 @@ def load_checkpoint(folder: Path, config: TrainConfig,
     if not isinstance(saved, dict):
         raise ConfigError(f"{damaged} (it has no settings)")
     skip = set(changed)
+    # a setting added since the checkpoint was written had its default value then
+    defaults = TrainConfig().semantic_dict()
     differs = sorted(k for k, v in config.semantic_dict().items()
-                     if k not in skip and saved.get(k) != v)
+                     if k not in skip and saved.get(k, defaults[k]) != v)
     if differs:
-        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {getattr(config, k)!r}"
+        details = ", ".join(f"{k}: saved {saved.get(k, defaults[k])!r}, now "
+                            f"{getattr(config, k)!r}"
                             for k in differs)
         raise ConfigError(f"{path} is from a different configuration ({details}); resume "
                           "with the run's own settings or start a new run folder")

@@ -68,6 +68,24 @@ def layer_densities(model: nn.Module, sparsifier: Any | None) -> dict[str, float
     return sparsifier.layer_densities()
 
 
+def gradient_norms(model: nn.Module, sparsifier: Any | None) -> dict[str, float]:
+    """The 2-norm of the gradient each sparsifiable weight now holds, at its active positions
+    (a weight kept dense: all of it), and ``"overall"`` over all of them: the gradient flow of
+    the last step."""
+    sparse = set(sparsifier.backend.names) if sparsifier is not None else set()
+    norms = {}
+    for t in find_targets(model):
+        if t.name in sparse:
+            grad = sparsifier.backend.active_gradient(t.name)
+        else:
+            grad = t.param.grad
+        norms[t.name] = 0.0 if grad is None else float(grad.detach().double().norm())
+    for name in sparse - set(norms):  # CSR layers, whose weight is no parameter of the model
+        norms[name] = float(sparsifier.backend.active_gradient(name).detach().double().norm())
+    norms["overall"] = math.sqrt(sum(v * v for v in norms.values()))
+    return norms
+
+
 def density(model: nn.Module, sparsifier: Any | None) -> float:
     """Fraction of the sparsifiable weights that are active (dense layers count fully)."""
     sizes = {n: p.numel() for n, p in model.named_parameters()}

@@ -300,6 +300,7 @@ class Trainer:
             "kind": "train", "step": s.step, "epoch": s.step / self.steps_per_epoch,
             "loss": loss, "accuracy": s.correct / s.seen,
             "lr": self.optimizer.param_groups[0]["lr"], "density": self.density(),
+            "grad_norm": measure.gradient_norms(self.model, self.sparsifier),
             "wall_time_s": round(s.wall_time_s, 3),
         }
         self._append_metrics(record)
