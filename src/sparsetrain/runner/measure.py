@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.interpolation import flatten_predictions as flat_predictions
 from ..data import Dataset
 from ..flops import dense_training_flops, flops
 from ..sparsity.targets import find_targets
@@ -24,14 +25,6 @@ from .distributed import Distributed
 #: Examples per evaluation batch, and at most this many predictions (sequence positions).
 EVAL_BATCH = 1000
 EVAL_PREDICTIONS = 1 << 15
-
-
-def flat_predictions(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs ``(predictions, classes)`` and targets ``(predictions,)``: a classifier's as they
-    are, a sequence model's with every position one prediction."""
-    if y.dim() > 1:
-        return out.reshape(-1, out.shape[-1]), y.reshape(-1)
-    return out, y
 
 
 def bits(nats: float) -> float:

@@ -131,9 +131,9 @@ def _plot_measure_vs(rows, m: Measure, x_key: str, path: Path, xlabel: str, titl
     if dense:
         level = statistics.fmean(r[m.row] for r in dense)
         ax.axhline(level, color="black", linestyle="--", label="dense")
-        spread = max((r[m.std] or 0.0) for r in dense) if len(dense) == 1 else 0.0
-        if spread:
-            ax.axhspan(level - spread, level + spread, color="black", alpha=0.08)
+        if len(dense) == 1 and dense[0][m.std]:
+            ax.axhspan(level - dense[0][m.std], level + dense[0][m.std], color="black",
+                       alpha=0.08)
     ax.set_xscale("log")
     values = sorted({r[x_key] for items in series.values() for r in items})
     ax.set_xticks(values)
