@@ -152,6 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "and methods, and the gradient norms logged through training.")
     analyze.add_argument("runs", nargs="+", type=Path, help="run folders or folders of runs")
     analyze.add_argument("--out", type=Path, default=Path("reports/analysis"))
+    reproduce = commands.add_parser(
+        "reproduce", help="train the runs behind the papers' claims and write the claims table",
+        description="Train every run of the claims table that is not finished yet (about an "
+                    "hour on 2 cores from scratch), then measure each claim and write the "
+                    "table (docs/RESULTS.md).")
+    reproduce.add_argument("--runs-dir", type=Path, default=Path("runs/reproduce"),
+                           help="folder of the runs (default: runs/reproduce)")
+    reproduce.add_argument("--results", type=Path, default=Path("docs/RESULTS.md"),
+                           help="the claims table written (default: docs/RESULTS.md)")
+    reproduce.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
+    reproduce.add_argument("--cifar10-sample", default=None, metavar="PATH",
+                           help="cifar10_sample.npz or its folder (default: "
+                                "$SPARSETRAIN_CIFAR10_SAMPLE)")
+    reproduce.add_argument("--no-train", action="store_true",
+                           help="only measure the claims on the runs already finished")
     commands.add_parser("list", help="list the models, data sets and methods")
     return parser
 
@@ -265,6 +280,24 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .runner.reproduce import train_all, write_results
+
+    try:
+        checks.positive_int(args.jobs, "--jobs", fix="--jobs is the number of runs trained "
+                            "at the same time; 1 trains them one after the other")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not args.no_train:
+        train_all(args.runs_dir, jobs=args.jobs, cifar10_sample=args.cifar10_sample)
+    command = "sparsetrain reproduce" + "".join(
+        f" {a}" for a in argv[1:] if a != "--no-train")
+    path, counts = write_results(args.runs_dir, args.results, command)
+    print("claims: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(f"claims table written to {path}")
+    return 0
+
+
 def _verdicts(rows) -> str:
     from .runner.report import format_verdicts
 
@@ -324,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args) if args.command == "sweep" else _report(args)
         if args.command == "analyze":
             return _analyze(args)
+        if args.command == "reproduce":
+            return _reproduce(args, argv)
         config, resume = resolve_config(args)
         out = run_folder(config)
         _check_out(out)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sparsetrain.runner import ConfigError, Trainer, make_config, run_folder
+from sparsetrain.backends import dense_state_dict as st_dense
 from sparsetrain.runner import folder
 from sparsetrain.runner.report import collect_runs
 from sparsetrain.runner.sweep import expand_grid, run_sweep
@@ -24,7 +25,7 @@ def test_a_trained_run_holds_exactly_the_named_files(tmp_path):
     Trainer(make_config(BASE), tmp_path / "run", log=quiet).train()
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert names == {folder.CONFIG, folder.METRICS, folder.CHECKPOINT, folder.SUMMARY,
-                     folder.LOCK}
+                     folder.INITIAL, folder.LOCK}
     assert folder.is_finished(tmp_path / "run") and folder.is_run_folder(tmp_path / "run")
     assert folder.read_summary(tmp_path / "run")["method"] == "static"
 
@@ -35,7 +36,8 @@ def test_report_and_sweep_find_runs_by_these_names(tmp_path):
     assert all(folder.is_finished(f) for f in folders)
     assert all({p.name for p in f.iterdir()} == {folder.CONFIG, folder.METRICS,
                                                  folder.CHECKPOINT, folder.SUMMARY,
-                                                 folder.TRAIN_LOG, folder.LOCK} for f in folders)
+                                                 folder.INITIAL, folder.TRAIN_LOG, folder.LOCK}
+               for f in folders)
     runs = collect_runs([tmp_path / "sweep"])
     assert sorted(r["folder"] for r in runs) == sorted(folders) == folder.find_run_folders(
         tmp_path / "sweep")
@@ -124,3 +126,39 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     with pytest.raises(ConfigError, match="never unpickles code") as refused:
         folder.load_checkpoint(tmp_path, make_config(BASE))
     assert "weights_only" not in str(refused.value)  # never suggest loading it without
+
+
+@pytest.mark.parametrize("backend", ["masked", "csr"])
+def test_the_initial_weights_are_saved_dense_once_and_kept_on_resume(tmp_path, backend):
+    config = make_config(BASE, {"method": "rigl", "density": 0.3, "delta_t": 1,
+                                "backend": backend, "epochs": 2})
+    trainer = Trainer(config, tmp_path / "run", log=quiet)
+    start = {k: v.clone() for k, v in st_dense(trainer.model).items()}
+    trainer.request_stop()  # stops after the first step, with a checkpoint
+    assert trainer.train() is None
+    saved = folder.load_initial(tmp_path / "run")
+    assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in start)
+    assert saved["fc1.weight"].shape == (300, 36)  # dense on every backend
+    Trainer(config, tmp_path / "run", resume=True, log=quiet).train()
+    again = folder.load_initial(tmp_path / "run")
+    assert all(torch.equal(again[k], start[k]) for k in start)  # not rewritten on resume
+
+
+def test_initial_weights_are_the_same_on_every_backend(tmp_path):
+    states = []
+    for backend in ("masked", "csr"):
+        config = make_config(BASE, {"method": "rigl", "density": 0.3, "backend": backend})
+        Trainer(config, tmp_path / backend, log=quiet).train()
+        states.append(folder.load_initial(tmp_path / backend))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_damaged_initial_weights_are_refused_with_a_clear_error(tmp_path):
+    assert folder.load_initial(tmp_path) is None  # runs trained before it existed
+    (tmp_path / folder.INITIAL).write_bytes(b"not a checkpoint")
+    with pytest.raises(folder.RunFolderError, match="delete it"):
+        folder.load_initial(tmp_path)
+    torch.save({"format": "other", "model": {}}, tmp_path / folder.INITIAL)
+    with pytest.raises(folder.RunFolderError, match="not the initial weights"):
+        folder.load_initial(tmp_path)

@@ -5,7 +5,7 @@ through it.
 """
 
 from .base import Block, GradientUnavailable
-from .conversion import to_csr, to_masked
+from .conversion import dense_state_dict, to_csr, to_masked
 from .csr import CSRLinear
 from .csr_backend import CSRBackend
 from .masked import MaskedBackend

@@ -100,3 +100,23 @@ def to_masked(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
             setattr(parent, attr, linear)
         masks[f"{path}.weight" if path else "weight"] = module.mask()
     return masks
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as the masked backend holds it, on whichever backend ``model``
+    is: each ``CSRLinear`` gives ``weight`` (dense, zeros at inactive positions) and ``bias``
+    in place of its compressed entries. Detached copies; ``model`` is not changed."""
+    csr = {path: m for path, m in model.named_modules() if isinstance(m, CSRLinear)}
+    state: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        path = name.rpartition(".")[0]
+        owner = next((p for p in csr if path == p or (p and path.startswith(p + "."))
+                      or (not p)), None)
+        if owner is None:
+            state[name] = value.detach().clone()
+    for path, module in csr.items():
+        prefix = f"{path}." if path else ""
+        state[prefix + "weight"] = module.dense_weight().detach().clone()
+        if module.bias is not None:
+            state[prefix + "bias"] = module.bias.detach().clone()
+    return state

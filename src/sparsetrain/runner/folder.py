@@ -6,6 +6,9 @@ A run folder holds
 - ``metrics.jsonl``: one JSON object per line, each with a ``"kind"`` and a ``"step"``;
 - ``checkpoint.pt``: everything needed to resume, with a SHA-256 digest of its content that is
   checked on load, loaded with ``weights_only=True``;
+- ``initial.pt``: the model's weights at step 0 (dense tensors, zeros where inactive, on any
+  backend), for the loss along the line from initialisation to solution (``sparsetrain
+  analyze``);
 - ``summary.json``: the results, written when the run is finished;
 - ``train.log``: the messages of a run trained by a sweep;
 - ``tensorboard/``: TensorBoard event files, with ``--tensorboard`` (see ``tensorboard.py``);
@@ -41,6 +44,7 @@ from .lock import LOCK, FolderLock  # noqa: F401 (LOCK: one of the folder's file
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
+INITIAL = "initial.pt"
 SUMMARY = "summary.json"
 TRAIN_LOG = "train.log"
 TENSORBOARD = "tensorboard"
@@ -205,7 +209,7 @@ def start_afresh(folder: Path) -> None:
     """Remove the metrics, summary and TensorBoard files of a run that never wrote a checkpoint
     (killed before its first one), so that a run started again in the folder begins with fresh
     files."""
-    for name in (METRICS, SUMMARY):
+    for name in (METRICS, SUMMARY, INITIAL):
         (Path(folder) / name).unlink(missing_ok=True)
     shutil.rmtree(Path(folder) / TENSORBOARD, ignore_errors=True)
 
@@ -302,6 +306,30 @@ def load_checkpoint(folder: Path, config: TrainConfig,
         raise ConfigError(f"{path} is from a different configuration ({details}); resume "
                           "with the run's own settings or start a new run folder")
     return checkpoint
+
+
+# --- initial weights ----------------------------------------------------------------------
+def save_initial(folder: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Write the model's weights at step 0 (a state dict of tensors) as ``initial.pt``."""
+    atomic_save({"format": FORMAT + "-initial", "model": dict(state)}, Path(folder) / INITIAL)
+
+
+def load_initial(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The weights at step 0 (loaded with ``weights_only=True``), or ``None`` when the run has
+    no ``initial.pt`` (runs trained before it was written); ``RunFolderError`` when it cannot
+    be read."""
+    path = Path(folder) / INITIAL
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # damaged, truncated, or holding more than tensors
+        raise RunFolderError(f"{path} cannot be read ({type(exc).__name__}); delete it (only "
+                             "the analysis of the line from initialisation needs it)") from None
+    if not (isinstance(saved, dict) and saved.get("format") == FORMAT + "-initial"
+            and isinstance(saved.get("model"), dict)):
+        raise RunFolderError(f"{path} is not the initial weights of a sparsetrain run; delete it")
+    return saved["model"]
 
 
 # --- summary ------------------------------------------------------------------------------

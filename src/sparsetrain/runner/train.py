@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import folder, measure, tensorboard
+from ..backends import dense_state_dict
 from .build import build_run
 from .config import ConfigError, TrainConfig
 from .data_order import batch_generator, epoch_order
@@ -181,6 +182,7 @@ class Trainer:
                 folder.truncate_metrics(self.out, self.state.step)  # later lines come again
             else:
                 folder.start_afresh(self.out)
+                folder.save_initial(self.out, dense_state_dict(self.model))
             folder.save_config(self.out, self.config)
         if self._changes:
             self._append_metrics({"kind": "override", "step": self.state.step,
@@ -348,6 +350,7 @@ class Trainer:
             "test_loss": test_loss, "test_accuracy": test_acc,
             "lr": self.optimizer.param_groups[0]["lr"], "density": self.density(),
             "ever_active": self.ever_active_fraction(),
+            "layer_densities": self.layer_densities(),
             "wall_time_s": round(self.state.wall_time_s, 3),
         }
         self._append_metrics(record)

@@ -1,0 +1,62 @@
+"""The reproduction's plan: every claim selects runs the studies train (three seeds, one run
+each), and the claims table is written from finished runs."""
+
+import pytest
+
+from sparsetrain.runner import folder
+from sparsetrain.runner.claims import select
+from sparsetrain.runner.reproduce import SEEDS, STUDIES, cells, claims, write_results
+
+PLANNED = cells()
+
+
+def fake_summary(config, accuracy):
+    return {"method": config.method, "model": config.model, "data": config.data,
+            "test_accuracy": accuracy, "density": config.density,
+            "ever_active_fraction": config.density, "layer_densities": {"w": config.density},
+            "config": config.to_dict()}
+
+
+SUMMARIES = [fake_summary(c, 0.5) for c in PLANNED]
+
+
+def test_cells_are_distinct_and_every_study_has_every_seed():
+    names = [c.run_name() for c in PLANNED]
+    assert len(names) == len(set(names))
+    for base, grid in STUDIES.values():
+        for method in grid["method"]:
+            got = {c.seed for c in PLANNED if c.model == base["model"] and c.method == method}
+            assert got == set(SEEDS)
+
+
+@pytest.mark.parametrize("claim", claims(), ids=lambda c: f"{c.claim}|{c.setting}")
+def test_every_claim_selects_one_planned_run_per_seed(claim):
+    groups = [claim.a, claim.b, *claim.others] if claim.kind != "correlation" else [claim.a]
+    for selector in groups:
+        if not selector:
+            continue
+        runs = select(SUMMARIES, selector)
+        seeds = [r["config"]["seed"] for r in runs]
+        if claim.kind == "correlation":
+            assert len(runs) >= 9 and len({(r["method"], r["config"]["delta_t"]) for r in runs}) >= 3
+        else:
+            assert sorted(seeds) == SEEDS, selector
+
+
+def test_the_claims_table_is_written_from_finished_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for i, c in enumerate(PLANNED):
+        run = runs / c.run_name()
+        run.mkdir(parents=True)
+        folder.save_config(run, c)
+        # RigL 0.01 above every other method, seeds apart by a little noise
+        accuracy = 0.8 + (0.01 if c.method == "rigl" else 0.0) + 0.001 * ((i * 7) % 3)
+        folder.write_summary(run, fake_summary(c, accuracy))
+    path, counts = write_results(runs, tmp_path / "RESULTS.md", "sparsetrain reproduce")
+    text = path.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.endswith("** |")]
+    assert len(rows) == len(claims()) == sum(counts.values())
+    assert "no runs" not in text
+    rigl_vs_set = [r for r in rows if r.startswith("| RigL >= SET")]
+    assert rigl_vs_set and all("**holds**" in r for r in rigl_vs_set)
+    assert f"{len(PLANNED)} finished runs of the {len(PLANNED)} planned" in text
