@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--jobs", type=int, default=1, help="runs trained in parallel")
     sweep.add_argument("--report-dir", type=Path, default=None,
                        help="where the report goes (default: <sweep-dir>/report)")
+    sweep.add_argument("--no-analysis", action="store_true",
+                       help="skip `sparsetrain analyze` of the runs (written to "
+                            "<sweep-dir>/analysis and linked from the report)")
     for f in dataclasses.fields(TrainConfig):
         if f.name not in ("out", "runs_dir"):
             _add_setting(sweep, f)
@@ -147,11 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=Path("reports/latest"))
     report.add_argument("--title", default=None)
     analyze = commands.add_parser(
-        "analyze", help="mask overlap and gradient flow of finished runs",
+        "analyze", help="mask overlap, loss along lines and gradient flow of finished runs",
         description="Write analysis.md with plots: the overlap of the final masks across seeds "
-                    "and methods, and the gradient norms logged through training.")
+                    "and methods, the training loss along the lines from initialisation to "
+                    "solution and between solutions, the weights ever active, the per-layer "
+                    "density over time, and the gradient norms logged through training.")
     analyze.add_argument("runs", nargs="+", type=Path, help="run folders or folders of runs")
     analyze.add_argument("--out", type=Path, default=Path("reports/analysis"))
+    analyze.add_argument("--no-lines", action="store_true",
+                         help="leave out the loss along lines (it rebuilds the runs of the "
+                              "lowest seed and evaluates 2048 training examples at 11 points)")
     reproduce = commands.add_parser(
         "reproduce", help="train the runs behind the papers' claims and write the claims table",
         description="Train every run of the claims table that is not finished yet (about an "
@@ -254,10 +262,16 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{name}"
     folders = run_sweep(cells, sweep_dir, jobs=args.jobs)
     report_dir = args.report_dir or sweep_dir / "report"
-    path = write_report(folders, report_dir, title=f"Sweep {name}")
+    analysis = None
+    if not args.no_analysis:
+        from .runner.analyze import write_analysis
+
+        analysis = write_analysis(folders, sweep_dir / "analysis").parent
+    path = write_report(folders, report_dir, title=f"Sweep {name}", analysis=analysis)
     rows = summarise(collect_runs(folders))
     print("\n" + format_table(rows))
-    print(_verdicts(rows) + f"\nreport written to {path}")
+    print(_verdicts(rows) + f"\nreport written to {path}"
+          + (f"\nanalysis written to {analysis / 'analysis.md'}" if analysis else ""))
     return 0
 
 
@@ -275,7 +289,7 @@ def _report(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from .runner.analyze import write_analysis
 
-    path = write_analysis(args.runs, args.out)
+    path = write_analysis(args.runs, args.out, lines=not args.no_lines)
     print(f"analysis written to {path}")
     return 0
 

@@ -11,13 +11,13 @@ from sparsetrain.runner.stats import t_quantile
 
 
 def run(root, method, density, seed, value, *, kind="classification", distribution="erk",
-        length=None):
-    folder = root / f"{method}-{distribution}-{density}-{seed}-{length}"
+        length=None, **settings):
+    folder = root / f"{method}-{distribution}-{density}-{seed}-{length}-{settings}"
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text("model: m\n")
     (folder / "metrics.jsonl").write_text(json.dumps(
         {"kind": "eval", "epoch": 1, "test_accuracy": value, "test_loss": value}) + "\n")
-    config = {"distribution": distribution, "seed": seed, "density": density}
+    config = {"distribution": distribution, "seed": seed, "density": density, **settings}
     if length is not None:
         config["length"] = length
     summary = {"test_accuracy": value, "density": density, "method": method, "model": "m",
@@ -119,3 +119,23 @@ def test_report_states_the_verdicts(tmp_path):
     text = path.read_text()
     assert "better than Static: rigl (+0.0503" in text and "'vs Static'" in text
     assert "better than Static: rigl" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_runs_that_differ_in_another_setting_get_rows_of_their_own(tmp_path):
+    accuracy = {None: [0.80, 0.82, 0.81], "shuffle": [0.79, 0.80, 0.80],
+                "reinit": [0.81, 0.83, 0.82]}
+    for ablation, values in accuracy.items():
+        for seed, value in enumerate(values):
+            run(tmp_path, "snip", 0.1, seed, value, prune_ablation=ablation)
+    for seed, value in enumerate([0.78, 0.79, 0.80]):
+        run(tmp_path, "static", 0.1, seed, value)
+    rows = summarise(collect_runs([tmp_path]))
+    snip = {r["variant"]: r for r in rows if r["method"] == "snip"}
+    assert set(snip) == {"", "prune_ablation shuffle", "prune_ablation reinit"}
+    assert snip["prune_ablation shuffle"]["accuracy"] == pytest.approx(0.79667, abs=1e-5)
+    # every row still pairs with Static over its three seeds
+    assert all(r["vs_static"].n == 3 for r in snip.values())
+    assert snip[""]["vs_static"].mean == pytest.approx(0.02)
+    table = format_table(rows)
+    assert "snip [prune_ablation shuffle]" in table and "snip [prune_ablation reinit]" in table
+    assert all(r["variant"] == "" for r in rows if r["method"] == "static")

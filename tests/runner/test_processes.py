@@ -146,9 +146,10 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_again(tmp_path):
     assert_logged_once(run, 16)
 
 
-def limit_file_size():
+def limit_file_size(limit=300_000):
+    # the run's initial weights (about 200 kB) fit, its checkpoint (about 500 kB) does not
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def test_a_file_size_limit_reached_while_checkpointing(tmp_path):
@@ -161,6 +162,20 @@ def test_a_file_size_limit_reached_while_checkpointing(tmp_path):
     assert lines[0].startswith(f"sparsetrain: error: cannot write {run / folder.CHECKPOINT}: "
                                "the disk is full or a size limit was reached")
     assert not any(p.name.endswith(".tmp") for p in run.iterdir())
+
+
+def test_a_file_size_limit_reached_at_the_start(tmp_path):
+    run = tmp_path / "run"
+    process = sparsetrain("train", *RUN, *SHORT, "--out", str(run),
+                          preexec_fn=lambda: limit_file_size(100_000))
+    status, _, err = finish(process)
+    assert status == 2 and "Traceback" not in err
+    assert err.startswith(f"sparsetrain: error: cannot write {run / folder.INITIAL}: ")
+    assert not any(p.name.endswith(".tmp") for p in run.iterdir())
+    again = sparsetrain("train", "--resume", str(run), *SHORT)  # with space again
+    status, _, err = finish(again)
+    assert status == 0, err
+    assert folder.load_initial(run) is not None and folder.is_finished(run)
 
 
 def test_sigterm_under_data_parallel_training(tmp_path):

@@ -8,6 +8,12 @@
   averaged over pairs of seeds, a method against itself (how much the seed decides the mask)
   and against the other methods (whether they find the same connections). Two independent
   random masks of density d overlap by about d / (2 - d), the table's reference line.
+- **Loss along lines** (``landscape.py``): from each run's initialisation to its solution, and
+  from the Static solution to each other method's, with the barrier of each line.
+- **Exploration.** The ever-active fraction (weights active at some point) against accuracy,
+  mean over seeds, per model, density and method (ITOP, Liu et al. 2021).
+- **Per-layer density over time**, from the densities logged with every evaluation, for the
+  first seed of each method at each model's lowest density.
 - **Gradient flow.** The norm of the active gradients that ``sparsetrain train`` logs with
   every training-metrics line (``grad_norm`` in ``metrics.jsonl``), overall per method and
   density (mean over seeds), and per layer for the first seed of each method at the lowest
@@ -23,19 +29,17 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..analysis import position_overlap
-from .comparison import method_label
+from . import landscape, mask_history
 from .config import make_config
 from .folder import load_checkpoint, read_metrics
 from .plots import _pyplot, _save
-from .results import collect_runs, method_rank, run_key, run_length
+from .results import collect_runs, method_rank, run_key, run_labels
 
 DENSE = ("dense", "small-dense")
 
 
-def _label(summary: dict[str, Any]) -> str:
-    _, method, distribution, _ = run_key(summary)
-    label = method_label({"method": method, "length": run_length(summary)})
-    return label if distribution in ("-", "erk") else f"{label} ({distribution})"
+def _rank(label: str) -> tuple:
+    return (method_rank(label.split(": ")[-1].split()[0]), label)
 
 
 def _positions(run: dict[str, Any]) -> dict[str, Any]:
@@ -46,20 +50,20 @@ def _positions(run: dict[str, Any]) -> dict[str, Any]:
 
 def overlap_tables(runs: list[dict[str, Any]]) -> dict[tuple[str, float], dict]:
     """(model, density) -> {(label a, label b): mean overall Jaccard over run pairs}."""
+    labels = run_labels(runs)
     groups: dict[tuple[str, float], list[tuple[str, dict]]] = defaultdict(list)
     for run in runs:
         s = run["summary"]
         if s["method"] in DENSE or not (run["folder"] / "checkpoint.pt").is_file():
             continue
         model, _, _, density = run_key(s)
-        groups[(model, density)].append((_label(s), _positions(run)))
+        groups[(model, density)].append((labels[run["folder"]], _positions(run)))
     tables = {}
     for key, items in groups.items():
         pairs: dict[tuple[str, str], list[float]] = defaultdict(list)
         for (la, pa), (lb, pb) in itertools.combinations(items, 2):
             value = position_overlap(pa, pb).overall
-            pairs[tuple(sorted((la, lb), key=lambda x: (method_rank(x.split()[0]), x)))].append(
-                value)
+            pairs[tuple(sorted((la, lb), key=_rank))].append(value)
         tables[key] = {k: statistics.fmean(v) for k, v in pairs.items()}
     return tables
 
@@ -67,8 +71,7 @@ def overlap_tables(runs: list[dict[str, Any]]) -> dict[tuple[str, float], dict]:
 def _overlap_markdown(tables: dict) -> list[str]:
     lines = []
     for (model, density), table in sorted(tables.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        labels = sorted({x for pair in table for x in pair},
-                        key=lambda x: (method_rank(x.split()[0]), x))
+        labels = sorted({x for pair in table for x in pair}, key=_rank)
         lines += [f"### {model} at density {density:.3g}", "",
                   f"Mean Jaccard overlap of the final masks over pairs of runs (two independent "
                   f"random masks: {density / (2 - density):.3f}; '-' no pair).", "",
@@ -76,7 +79,7 @@ def _overlap_markdown(tables: dict) -> list[str]:
         for a in labels:
             cells = []
             for b in labels:
-                pair = tuple(sorted((a, b), key=lambda x: (method_rank(x.split()[0]), x)))
+                pair = tuple(sorted((a, b), key=_rank))
                 cells.append(f"{table[pair]:.3f}" if pair in table else "-")
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -87,6 +90,7 @@ def _grad_series(runs: list[dict[str, Any]]):
     """density -> label -> [per-seed {step: overall norm}]; and per-layer curves."""
     overall: dict[float, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     layers: dict[float, dict[str, dict[str, dict]]] = defaultdict(dict)
+    labels = run_labels(runs)
     for run in runs:
         records = [r for r in read_metrics(run["folder"])
                    if isinstance(r, dict) and r.get("kind") == "train"
@@ -94,7 +98,7 @@ def _grad_series(runs: list[dict[str, Any]]):
         if not records:
             continue
         _, _, _, density = run_key(run["summary"])
-        label = _label(run["summary"])
+        label = labels[run["folder"]]
         overall[density][label].append({r["step"]: r["grad_norm"]["overall"] for r in records})
         if label not in layers[density]:
             names = [n for n in records[0]["grad_norm"] if n != "overall"]
@@ -112,7 +116,7 @@ def _plot_grad_overall(overall, path: Path) -> bool:
                              squeeze=False)
     for ax, density in zip(axes[0], densities):
         for label, curves in sorted(overall[density].items(),
-                                    key=lambda kv: method_rank(kv[0].split()[0])):
+                                    key=lambda kv: _rank(kv[0])):
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], label=label)
         ax.set_yscale("log")
@@ -129,7 +133,7 @@ def _plot_grad_layers(layers, path: Path) -> bool:
     if not layers:
         return False
     density = min(layers)
-    chosen = sorted(layers[density].items(), key=lambda kv: method_rank(kv[0].split()[0]))
+    chosen = sorted(layers[density].items(), key=lambda kv: _rank(kv[0]))
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 3.8), sharey=True,
                              squeeze=False)
@@ -147,16 +151,44 @@ def _plot_grad_layers(layers, path: Path) -> bool:
     return _save(fig, path)
 
 
-def write_analysis(paths: Iterable[str | Path], out_dir: str | Path) -> Path:
-    """Write ``analysis.md`` and its plots to ``out_dir``; return analysis.md."""
+LINES_CAPTION = ("The training loss along straight lines between weights: from each run's "
+                 "initialisation to its solution (left), and from the Static solution to "
+                 "each other method's solution (right); lowest seed.")
+LAYERS_CAPTION = ("The density of every layer at each evaluation, lowest seed, at each "
+                  "model's lowest density: constant for Static, SET and RigL, growing "
+                  "sparsity for GMP, moving between layers for SNFS.")
+
+
+def write_analysis(paths: Iterable[str | Path], out_dir: str | Path, *,
+                   lines: bool = True) -> Path:
+    """Write ``analysis.md`` and its plots to ``out_dir``; return analysis.md. ``lines=False``
+    leaves out the loss along lines (it rebuilds every run of the lowest seed)."""
     runs = [r for r in collect_runs(paths) if r["summary"] is not None]
     if not runs:
         raise ValueError("no finished runs (folders with a summary.json) in the given paths")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    labels = run_labels(runs)
     md = ["# Analysis", "", f"{len(runs)} finished runs.", "", "## Mask overlap", ""]
     tables = overlap_tables(runs)
     md += _overlap_markdown(tables) if tables else ["No sparse run with a checkpoint.", ""]
+    if lines:
+        md += ["## Loss along lines", ""]
+        found = landscape.lines(runs, labels)
+        if landscape.plot(found, out_dir / "lines.png"):
+            md += ["![lines.png](lines.png)", "", LINES_CAPTION, ""]
+            md += landscape.markdown(found)
+        else:
+            md += ["No run has its initial weights (initial.pt; runs trained before it was "
+                   "written).", ""]
+    md += ["## Exploration: weights ever active", ""]
+    md += mask_history.exploration_markdown(runs, labels) or ["No sparse run.", ""]
+    md += ["## Per-layer density over time", ""]
+    if mask_history.plot_layer_densities(mask_history.layer_density_series(runs, labels),
+                                         out_dir / "layer_density.png"):
+        md += ["![layer_density.png](layer_density.png)", "", LAYERS_CAPTION, ""]
+    else:
+        md += ["No run logged its layer densities (runs trained before they were logged).", ""]
     md += ["## Gradient flow", ""]
     overall, layers = _grad_series(runs)
     made = [(name, caption) for name, caption, ok in [

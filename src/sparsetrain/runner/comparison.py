@@ -25,9 +25,11 @@ def judged_by(kind: str) -> tuple[str, int]:
 
 
 def method_label(row: dict[str, Any]) -> str:
-    """The method of a row, with its training length when that is not 1 (``rigl 5x``)."""
+    """The method of a row, with its training length when that is not 1 (``rigl 5x``) and
+    its variant when it has one (``snip [prune_ablation shuffle]``)."""
     length = row.get("length", 1.0)
-    return row["method"] if length == 1.0 else f"{row['method']} {length:g}x"
+    label = row["method"] if length == 1.0 else f"{row['method']} {length:g}x"
+    return f"{label} [{row['variant']}]" if row.get("variant") else label
 
 
 def compare_to_static(rows: list[dict[str, Any]]) -> None:
@@ -44,6 +46,9 @@ def compare_to_static(rows: list[dict[str, Any]]) -> None:
         candidates = static.get((r["kind"], r["model"], r["density"], r["length"]), [])
         if r["distribution"] != "-":
             candidates = [c for c in candidates if c["distribution"] == r["distribution"]]
+        if len(candidates) > 1:  # Static in several variants: the same one, else the plain one
+            same = [c for c in candidates if c.get("variant") == r.get("variant")]
+            candidates = same or [c for c in candidates if not c.get("variant")]
         if len(candidates) == 1 and candidates[0]["seeds"] is not None:
             r["vs_static"] = paired_difference(r["seeds"], candidates[0]["seeds"])
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .comparison import method_label
-from .results import DYNAMIC, is_number, method_rank, run_key, run_kind, run_length
+from .results import DYNAMIC, is_number, method_rank, run_key, run_kind, run_labels
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _captions(m: Measure, kind: str) -> list[str]:
 
 LAYERS_CAPTION = "The density of every layer at the lowest overall density."
 EVER_ACTIVE_CAPTION = ("For SET, SNFS and RigL: the fraction of the weights that have been "
-                       "active at some point of training.")
+                       "active at some point of training (mean over seeds).")
 
 
 def make_plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]],
@@ -147,13 +147,14 @@ def _plot_curves(runs, m: Measure, path: Path) -> bool:
     plt = _pyplot()
     # density -> label -> the curves of its seeds (epoch -> value)
     by_density: dict[float, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    labels = run_labels(runs)
     for run in runs:
         points = {e["epoch"]: e[m.eval_key] for e in run["evals"]
                   if is_number(e.get(m.eval_key))}
         if not points:
             continue
-        _, method, _, density = run_key(run["summary"])
-        label = method_label({"method": method, "length": run_length(run["summary"])})
+        density = run_key(run["summary"])[3]
+        label = labels[run["folder"]]
         by_density[density][label].append(points)
     if not by_density:
         return False
@@ -162,7 +163,7 @@ def _plot_curves(runs, m: Measure, path: Path) -> bool:
                              sharey=True, squeeze=False)
     for ax, density in zip(axes[0], densities):
         for label, curves in sorted(by_density[density].items(),
-                                    key=lambda kv: method_rank(kv[0].split()[0])):
+                                    key=lambda kv: (method_rank(kv[0].split(": ")[-1].split()[0]), kv[0])):
             epochs = sorted(set.intersection(*(set(c) for c in curves)))
             mean = [statistics.fmean(c[e] for c in curves) for e in epochs]
             line, = ax.plot(epochs, mean, marker=".", label=f"{label} ({len(curves)})")
@@ -209,20 +210,23 @@ def _plot_layer_densities(runs, path: Path) -> bool:
 
 def _plot_ever_active(runs, path: Path) -> bool:
     plt = _pyplot()
-    curves = []
+    labels = run_labels(runs)
+    curves: dict[str, list[dict]] = defaultdict(list)  # label -> per seed {epoch: fraction}
     for run in runs:
         s = run["summary"]
         if s["method"] not in DYNAMIC:
             continue
-        points = [(e["epoch"], e["ever_active"]) for e in run["evals"]
-                  if is_number(e.get("ever_active"))]
+        points = {e["epoch"]: e["ever_active"] for e in run["evals"]
+                  if is_number(e.get("ever_active"))}
         if points:
-            curves.append((f"{s['method']} at {run_key(s)[3]:.3g}", points))
+            curves[f"{labels[run['folder']]} at {run_key(s)[3]:.3g}"].append(points)
     if not curves:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in sorted(curves):
-        ax.plot(*zip(*points), marker=".", label=label)
+    for label, seeds in sorted(curves.items()):
+        epochs = sorted(set.intersection(*(set(c) for c in seeds)))
+        ax.plot(epochs, [statistics.fmean(c[e] for c in seeds) for e in epochs], marker=".",
+                label=f"{label} ({len(seeds)})")
     _decorate(ax, "epoch", "fraction of weights ever active",
               "Weights explored by the dynamic methods")
     return _save(fig, path)

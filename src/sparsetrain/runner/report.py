@@ -18,6 +18,7 @@ inference FLOPs relative to dense stay above the density.
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -65,6 +66,14 @@ TABLES: dict[str, list[Column]] = {
     ] + _FLOPS,
 }
 _LEFT = 3
+#: What ``sparsetrain analyze`` writes, in the order a report links it.
+ANALYSIS_FILES = [
+    ("analysis.md", "analysis: mask overlap, barriers, exploration (tables)"),
+    ("lines.png", "loss along lines from initialisation and between solutions"),
+    ("layer_density.png", "per-layer density over time"),
+    ("grad_norm.png", "gradient norm through training"),
+    ("grad_norm_layers.png", "gradient norm per layer"),
+]
 
 
 def _tables(rows: list[dict[str, Any]]) -> list[tuple[list[Column], list[dict[str, Any]]]]:
@@ -119,9 +128,23 @@ def _intro(finished: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     return text + "."
 
 
+def analysis_links(analysis: Path | None, out_dir: Path) -> list[tuple[str, str]]:
+    """(relative path, what it shows) of the files ``sparsetrain analyze`` wrote to
+    ``analysis``, as seen from ``out_dir``."""
+    if analysis is None or not (Path(analysis) / "analysis.md").is_file():
+        return []
+    found = []
+    for name, what in ANALYSIS_FILES:
+        if (Path(analysis) / name).is_file():
+            found.append((os.path.relpath(Path(analysis) / name, out_dir), what))
+    return found
+
+
 def write_report(paths: Iterable[str | Path], out_dir: str | Path, *,
-                 title: str | None = None) -> Path:
-    """Write ``report.md``, ``report.html`` and the plots to ``out_dir``; return report.md."""
+                 title: str | None = None, analysis: Path | None = None) -> Path:
+    """Write ``report.md``, ``report.html`` and the plots to ``out_dir``; return report.md.
+    ``analysis``: the folder where ``sparsetrain analyze`` wrote about the same runs, linked
+    from the report."""
     runs = collect_runs(paths)
     finished = [r for r in runs if r["summary"] is not None]
     if not finished:
@@ -142,16 +165,19 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path, *,
         md += ["Data: " + "; ".join(data), ""]
     for name, caption in made:
         md += [f"![{name}]({name})", "", caption, ""]
+    links = analysis_links(analysis, out_dir)
+    if links:
+        md += ["## Analysis", ""] + [f"- [{what}]({path})" for path, what in links] + [""]
     md += ["## Runs", ""] + [f"- `{r['folder'].name}`" for r in finished]
     if unfinished:
         md += ["", "Not finished (left out): " + ", ".join(f"`{n}`" for n in unfinished)]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     (out_dir / "report.html").write_text(_html(title, intro, rows, data, made, finished,
-                                               unfinished, verdicts(rows)))
+                                               unfinished, verdicts(rows), links))
     return out_dir / "report.md"
 
 
-def _html(title, intro, rows, data, made, finished, unfinished, verdict_lines) -> str:
+def _html(title, intro, rows, data, made, finished, unfinished, verdict_lines, links) -> str:
     e = html.escape
     tables = "".join(
         "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h, _ in columns) + "</tr>"
@@ -166,6 +192,9 @@ def _html(title, intro, rows, data, made, finished, unfinished, verdict_lines) -
     figures = "".join(f'<figure><img src="{e(n)}" alt="{e(n)}"><figcaption>{e(c)}</figcaption>'
                       "</figure>" for n, c in made)
     runs = "".join(f"<li><code>{e(r['folder'].name)}</code></li>" for r in finished)
+    if links:
+        figures += ("<h2>Analysis</h2><ul>" + "".join(
+            f'<li><a href="{e(path)}">{e(what)}</a></li>' for path, what in links) + "</ul>")
     left = (f"<p>Not finished (left out): {e(', '.join(n for n in unfinished))}</p>"
             if unfinished else "")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"

@@ -4,7 +4,8 @@
 ``summary.json``; folders without one are unfinished); a run folder whose summary cannot be
 read or lacks what a report shows is a ``ConfigError`` that names the file. ``summarise(runs)``
 groups the finished ones into rows, one per (kind of data, model, method, distribution,
-density, training length), with means and standard deviations over the seeds, and for every
+density, training length, and any other setting in which runs of those differ: their
+``variant``), with means and standard deviations over the seeds, and for every
 method but Static the paired difference to Static at the same density and length over the
 seeds both have, with its 95% confidence interval (``stats.paired_difference``; accuracy:
 higher is better, loss: lower is better; ``comparison``).
@@ -24,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .folder import SUMMARY, find_run_folders, is_run_folder, read_metrics, read_summary
 from .comparison import compare_to_static, judged_by
 
@@ -133,6 +134,60 @@ def run_length(summary: dict[str, Any]) -> float:
     return float(length) if is_number(length) else 1.0
 
 
+_DEFAULTS = TrainConfig().to_dict()
+_ROW_KEYS = {"model", "method", "distribution", "density", "length", "seed"}
+
+
+def run_variants(summaries: list[dict[str, Any]]) -> list[str]:
+    """For runs that share a row key (kind, model, method, distribution, density, length):
+    what tells them apart besides the seed, one label per run: the settings whose values
+    differ among them, where the run's value is not the default (``"prune_ablation shuffle"``,
+    ``"delta_t 25"``); ``""`` for a run at the defaults of those settings, or when the runs
+    differ only in their seeds."""
+    configs = [s.get("config", {}) if isinstance(s.get("config"), dict) else {}
+               for s in summaries]
+    keys = sorted({k for c in configs for k in c} - _ROW_KEYS - set(TrainConfig.NON_SEMANTIC))
+    differ = [k for k in keys if len({repr(c.get(k, _DEFAULTS.get(k))) for c in configs}) > 1]
+    return [", ".join(f"{k} {c.get(k)}" for k in differ if c.get(k, _DEFAULTS.get(k))
+                      != _DEFAULTS.get(k)) for c in configs]
+
+
+def variant_labels(runs: list[dict[str, Any]]) -> dict[Path, str]:
+    """run folder -> its variant (``run_variants``) among the finished runs of its row."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        if run["summary"] is not None:
+            s = run["summary"]
+            groups[(run_kind(s), *run_key(s), run_length(s))].append(run)
+    labels = {}
+    for items in groups.values():
+        for run, label in zip(items, run_variants([r["summary"] for r in items])):
+            labels[run["folder"]] = label
+    return labels
+
+
+def run_labels(runs: list[dict[str, Any]]) -> dict[Path, str]:
+    """run folder -> how plots name its row among ``runs``: the method (with its length when
+    not 1), the distribution when the sparse runs use several, the model when there are
+    several, and the run's variant (``variant_labels``)."""
+    done = [r for r in runs if r["summary"] is not None]
+    keys = {r["folder"]: run_key(r["summary"]) for r in done}
+    models = {k[0] for k in keys.values()}
+    distributions = {k[2] for k in keys.values() if k[2] != "-"}
+    variants = variant_labels(done)
+    labels = {}
+    for run in done:
+        model, method, distribution, _ = keys[run["folder"]]
+        length = run_length(run["summary"])
+        label = method if length == 1.0 else f"{method} {length:g}x"
+        if len(distributions) > 1 and distribution != "-":
+            label += f" ({distribution})"
+        if variants[run["folder"]]:
+            label += f" [{variants[run['folder']]}]"
+        labels[run["folder"]] = f"{model}: {label}" if len(models) > 1 else label
+    return labels
+
+
 def _by_seed(items: list[dict[str, Any]], key: str) -> dict[int, float] | None:
     """seed -> value of the runs of one row; ``None`` if a seed occurs twice (runs that differ
     in a setting the row does not show cannot be paired)."""
@@ -149,13 +204,14 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (kind, model, method, distribution, density): accuracy and loss mean and
     std over seeds, FLOPs relative to dense; sorted by kind, model, density (descending) and
     method."""
+    variants = variant_labels(runs)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
         s = run["summary"]
         if s is not None:
-            groups[(run_kind(s), *run_key(s), run_length(s))].append(s)
+            groups[(run_kind(s), *run_key(s), run_length(s), variants[run["folder"]])].append(s)
     rows = []
-    for (kind, model, method, distribution, density, length), items in groups.items():
+    for (kind, model, method, distribution, density, length, variant), items in groups.items():
 
         def spread(key):
             values = [s[key] for s in items if s.get(key) is not None]
@@ -167,7 +223,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loss, loss_std = spread("test_loss")
         rows.append({
             "kind": kind, "model": model, "method": method, "distribution": distribution,
-            "density": density, "length": length, "actual_density": spread("density")[0],
+            "density": density, "length": length, "variant": variant, "actual_density": spread("density")[0],
             "n": len(items), "accuracy": accuracy, "std": std, "loss": loss,
             "loss_std": loss_std, "train_flops": spread("train_flops_vs_dense")[0],
             "inference_flops": spread("inference_flops_vs_dense")[0],
@@ -175,7 +231,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         })
     compare_to_static(rows)
     rows.sort(key=lambda r: (KINDS.index(r["kind"]), r["model"], -r["density"],
-                             method_rank(r["method"]), r["length"], r["distribution"]))
+                             method_rank(r["method"]), r["length"], r["distribution"],
+                             r["variant"]))
     return rows
 
 

@@ -182,8 +182,9 @@ class Trainer:
                 folder.truncate_metrics(self.out, self.state.step)  # later lines come again
             else:
                 folder.start_afresh(self.out)
-                folder.save_initial(self.out, dense_state_dict(self.model))
             folder.save_config(self.out, self.config)
+            if not self._resumed:  # the weights at step 0, for sparsetrain analyze
+                folder.save_initial(self.out, dense_state_dict(self.model))
         if self._changes:
             self._append_metrics({"kind": "override", "step": self.state.step,
                                   "changes": self._changes})
