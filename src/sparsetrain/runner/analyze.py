@@ -33,13 +33,9 @@ from . import landscape, mask_history
 from .config import make_config
 from .folder import load_checkpoint, read_metrics
 from .plots import _pyplot, _save
-from .results import collect_runs, method_rank, run_key, run_labels
+from .results import collect_runs, label_rank, run_key, run_labels
 
 DENSE = ("dense", "small-dense")
-
-
-def _rank(label: str) -> tuple:
-    return (method_rank(label.split(": ")[-1].split()[0]), label)
 
 
 def _positions(run: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +59,7 @@ def overlap_tables(runs: list[dict[str, Any]]) -> dict[tuple[str, float], dict]:
         pairs: dict[tuple[str, str], list[float]] = defaultdict(list)
         for (la, pa), (lb, pb) in itertools.combinations(items, 2):
             value = position_overlap(pa, pb).overall
-            pairs[tuple(sorted((la, lb), key=_rank))].append(value)
+            pairs[tuple(sorted((la, lb), key=label_rank))].append(value)
         tables[key] = {k: statistics.fmean(v) for k, v in pairs.items()}
     return tables
 
@@ -71,7 +67,7 @@ def overlap_tables(runs: list[dict[str, Any]]) -> dict[tuple[str, float], dict]:
 def _overlap_markdown(tables: dict) -> list[str]:
     lines = []
     for (model, density), table in sorted(tables.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        labels = sorted({x for pair in table for x in pair}, key=_rank)
+        labels = sorted({x for pair in table for x in pair}, key=label_rank)
         lines += [f"### {model} at density {density:.3g}", "",
                   f"Mean Jaccard overlap of the final masks over pairs of runs (two independent "
                   f"random masks: {density / (2 - density):.3f}; '-' no pair).", "",
@@ -79,7 +75,7 @@ def _overlap_markdown(tables: dict) -> list[str]:
         for a in labels:
             cells = []
             for b in labels:
-                pair = tuple(sorted((a, b), key=_rank))
+                pair = tuple(sorted((a, b), key=label_rank))
                 cells.append(f"{table[pair]:.3f}" if pair in table else "-")
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -116,7 +112,7 @@ def _plot_grad_overall(overall, path: Path) -> bool:
                              squeeze=False)
     for ax, density in zip(axes[0], densities):
         for label, curves in sorted(overall[density].items(),
-                                    key=lambda kv: _rank(kv[0])):
+                                    key=lambda kv: label_rank(kv[0])):
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], label=label)
         ax.set_yscale("log")
@@ -133,7 +129,7 @@ def _plot_grad_layers(layers, path: Path) -> bool:
     if not layers:
         return False
     density = min(layers)
-    chosen = sorted(layers[density].items(), key=lambda kv: _rank(kv[0]))
+    chosen = sorted(layers[density].items(), key=lambda kv: label_rank(kv[0]))
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(chosen), figsize=(4.2 * len(chosen), 3.8), sharey=True,
                              squeeze=False)

@@ -8,11 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .results import is_number, method_rank, run_key
-
-
-def _rank(label: str) -> tuple:
-    return (method_rank(label.split(": ")[-1].split()[0]), label)
+from .results import is_number, label_rank, run_key
 
 
 def exploration_markdown(runs: list[dict[str, Any]], labels: dict[Path, str]) -> list[str]:
@@ -30,7 +26,7 @@ def exploration_markdown(runs: list[dict[str, Any]], labels: dict[Path, str]) ->
     for (model, density), table in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         lines += [f"### {model} at density {density:.3g}", "",
                   "| run | ever-active fraction | test accuracy | seeds |", "|---|---:|---:|---:|"]
-        for label, values in sorted(table.items(), key=lambda kv: _rank(kv[0])):
+        for label, values in sorted(table.items(), key=lambda kv: label_rank(kv[0])):
             lines.append(f"| {label} | {statistics.fmean(v[0] for v in values):.4f} | "
                          f"{statistics.fmean(v[1] for v in values):.4f} | {len(values)} |")
         lines.append("")
@@ -40,7 +36,8 @@ def exploration_markdown(runs: list[dict[str, Any]], labels: dict[Path, str]) ->
 def layer_density_series(runs: list[dict[str, Any]], labels: dict[Path, str]) -> dict:
     """model -> (lowest density, {label: {layer: [(epoch, density)]}}) for the lowest seed."""
     found: dict[str, tuple[float, dict]] = {}
-    candidates = sorted((r for r in runs if r["summary"]["method"] not in ("dense", "small-dense")),
+    candidates = sorted((r for r in runs
+                         if r["summary"]["method"] not in ("dense", "small-dense")),
                         key=lambda r: (run_key(r["summary"])[3],
                                        r["summary"]["config"].get("seed", 0)))
     for run in candidates:
@@ -63,7 +60,7 @@ def plot_layer_densities(found: dict, path: Path) -> bool:
 
     panels = [(model, density, label, series) for model, (density, per_label) in
               sorted(found.items()) for label, series in
-              sorted(per_label.items(), key=lambda kv: _rank(kv[0]))]
+              sorted(per_label.items(), key=lambda kv: label_rank(kv[0]))]
     if not panels:
         return False
     plt = _pyplot()

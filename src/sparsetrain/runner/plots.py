@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .comparison import method_label
-from .results import DYNAMIC, is_number, method_rank, run_key, run_kind, run_labels
+from .results import (DYNAMIC, is_number, label_rank, method_rank, run_key, run_kind,
+                      run_labels)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _plot_curves(runs, m: Measure, path: Path) -> bool:
                              sharey=True, squeeze=False)
     for ax, density in zip(axes[0], densities):
         for label, curves in sorted(by_density[density].items(),
-                                    key=lambda kv: (method_rank(kv[0].split(": ")[-1].split()[0]), kv[0])):
+                                    key=lambda kv: label_rank(kv[0])):
             epochs = sorted(set.intersection(*(set(c) for c in curves)))
             mean = [statistics.fmean(c[e] for c in curves) for e in epochs]
             line, = ax.plot(epochs, mean, marker=".", label=f"{label} ({len(curves)})")

@@ -98,10 +98,11 @@ def _sel(base: dict[str, Any], **settings: Any) -> dict[str, Any]:
 
 def _ranking(base: dict[str, Any], density: float, small_dense: bool) -> list[Claim]:
     where = f"{NAMES[base['model']]}, density {density:g}"
-    out = [Claim("RigL >= SET", RIGL, where, "at-least", _sel(base, method="rigl", density=density),
-                 _sel(base, method="set", density=density)),
-           Claim("SET >= Static", RIGL, where, "at-least", _sel(base, method="set", density=density),
-                 _sel(base, method="static", density=density))]
+    def at(method: str) -> dict[str, Any]:
+        return _sel(base, method=method, density=density)
+
+    out = [Claim("RigL >= SET", RIGL, where, "at-least", at("rigl"), at("set")),
+           Claim("SET >= Static", RIGL, where, "at-least", at("set"), at("static"))]
     if small_dense:
         out += [Claim(f"{m} >= small-dense (same parameter count)", RIGL, where, "at-least",
                       _sel(base, method=m.lower(), density=density),
@@ -161,7 +162,9 @@ def claims() -> list[Claim]:
     for m in ("snip", "grasp", "synflow"):
         for ablation in ("shuffle", "reinit"):
             for d in (0.05, 0.02):
-                out.append(Claim(f"{m} with masks {'shuffled' if ablation == 'shuffle' else 'kept, weights re-initialised'} >= {m}",
+                what = ("masks shuffled" if ablation == "shuffle" else
+                        "weights re-initialised")
+                out.append(Claim(f"{m} with {what} >= {m}",
                                  FRANKLE, f"{NAMES['lenet300']}, density {d:g}", "at-least",
                                  _sel(FASHION, method=m, density=d, prune_ablation=ablation),
                                  _sel(FASHION, method=m, density=d)))

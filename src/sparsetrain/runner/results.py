@@ -39,6 +39,12 @@ def method_rank(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def label_rank(label: str) -> tuple[tuple[int, str], str]:
+    """The order of labels of ``run_labels`` (``"model: method ..."``): by method, then
+    label."""
+    return method_rank(label.split(": ")[-1].split()[0]), label
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -223,7 +229,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         loss, loss_std = spread("test_loss")
         rows.append({
             "kind": kind, "model": model, "method": method, "distribution": distribution,
-            "density": density, "length": length, "variant": variant, "actual_density": spread("density")[0],
+            "density": density, "length": length, "variant": variant,
+            "actual_density": spread("density")[0],
             "n": len(items), "accuracy": accuracy, "std": std, "loss": loss,
             "loss_std": loss_std, "train_flops": spread("train_flops_vs_dense")[0],
             "inference_flops": spread("inference_flops_vs_dense")[0],
