@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+import sparsetrain as st
+
 from sparsetrain.analysis import position_overlap
 from sparsetrain.cli import main
 from sparsetrain.runner import Trainer
@@ -139,3 +141,17 @@ def test_the_sweep_report_links_the_analysis(runs, tmp_path):
     assert 'href="../analysis/grad_norm.png"' in (tmp_path / "report" / "report.html").read_text()
     plain = write_report([runs], tmp_path / "plain").read_text()
     assert "## Analysis" not in plain
+
+
+def test_the_gradient_at_init_is_that_of_the_initial_weights_on_their_active_positions(runs):
+    found = collect_runs([runs])
+    result = lines(found, run_labels(found))[("lenet300", 0.2)]
+    trainer = Trainer(config(method="static", seed=0, epochs=2, log_every=2), runs / "static-0",
+                      resume=True, log=quiet)
+    model, data, masks = trainer.model, trainer.data, trainer.sparsifier.masks
+    trainer.close()
+    model.load_state_dict(folder.load_initial(runs / "static-0"))  # Static never moves a mask
+    x = data.prepare(data.train_x[:2048], train=False)
+    y = data.prepare_targets(data.train_y[:2048])
+    expected = st.analysis.gradient_norms(model.train(), [(x, y)], masks=dict(masks))
+    assert result["gradient_at_init"]["static"] == pytest.approx(expected["overall"], rel=1e-4)

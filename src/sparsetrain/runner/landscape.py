@@ -7,7 +7,9 @@ line from the Static run's solution to each other sparse method's solution (same
 masks differ, so points between them are denser than either end). Each point is the mean loss
 over the first ``EXAMPLES`` training examples, unaugmented, in eval mode. The *barrier* of a
 line is the largest excess of its loss over the straight line between its two end losses:
-0 when the loss is convex along it, large when a ridge separates the two ends.
+0 when the loss is convex along it, large when a ridge separates the two ends. With them, the
+norm of each run's gradient at its initial weights over their active positions (GraSP's
+gradient flow).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..analysis import loss_along_line
+from ..analysis import gradient_norms, loss_along_line
+from ..sparsity.targets import find_targets
 from ..backends import dense_state_dict, to_masked
 from .config import make_config
 from .folder import load_initial
@@ -84,6 +87,7 @@ def lines(runs: list[dict[str, Any]], labels: dict[Path, str]) -> dict[tuple[str
             continue
         init = {label: [p.loss for p in loss_along_line(m, i, f, b, alphas=ALPHAS)]
                 for label, (_, (m, b, i, f)) in built.items()}
+        at_init = {label: gradient_at_init(m, i, b) for label, (_, (m, b, i, _)) in built.items()}
         static = {}
         base = [label for label, (method, _) in built.items() if method == "static"]
         if base:
@@ -92,8 +96,24 @@ def lines(runs: list[dict[str, Any]], labels: dict[Path, str]) -> dict[tuple[str
                 if label != base[0] and method not in DENSE and _same_shapes(anchor, final):
                     static[label] = [p.loss for p in loss_along_line(
                         model, anchor, final, batches, alphas=ALPHAS)]
-        result[key] = {"init": init, "static": static, "static_label": base[0] if base else None}
+        result[key] = {"init": init, "static": static, "gradient_at_init": at_init,
+                       "static_label": base[0] if base else None}
     return result
+
+
+def gradient_at_init(model: torch.nn.Module, initial: dict[str, torch.Tensor],
+                     batches: list) -> float:
+    """The norm of the gradient at the initial weights, over their active positions (those
+    not zero), in training mode: the gradient flow that GraSP sets out to preserve."""
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        model.load_state_dict(initial)
+        model.train()
+        masks = {t.name: initial[t.name] != 0 for t in find_targets(model)
+                 if t.name in initial}
+        return gradient_norms(model, batches, masks=masks)["overall"]
+    finally:
+        model.load_state_dict(own)
 
 
 def _same_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -109,12 +129,13 @@ def markdown(result: dict[tuple[str, float], dict]) -> list[str]:
                   f"Training loss on {EXAMPLES} training examples at the two ends and the "
                   f"barrier of each line (the most the loss rises above the straight line "
                   f"between its end losses); lowest seed.", "",
-                  "| run | loss at init | loss at the end | barrier init -> end | "
-                  f"barrier from the {static or 'Static'} solution |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| run | gradient norm at init | loss at init | loss at the end | "
+                  f"barrier init -> end | barrier from the {static or 'Static'} solution |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for label, losses in found["init"].items():
             other = found["static"].get(label)
-            lines.append(f"| {label} | {losses[0]:.4f} | {losses[-1]:.4f} | "
+            lines.append(f"| {label} | {found['gradient_at_init'][label]:.4g} | "
+                         f"{losses[0]:.4f} | {losses[-1]:.4f} | "
                          f"{barrier(losses):.4f} | "
                          f"{'-' if other is None else f'{barrier(other):.4f}'} |")
         lines.append("")
