@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import sparsetrain as st
-
 from sparsetrain.analysis import position_overlap
 from sparsetrain.cli import main
 from sparsetrain.runner import Trainer

@@ -61,3 +61,14 @@ def test_the_claims_table_is_written_from_finished_runs(tmp_path):
     rigl_vs_set = [r for r in rows if r.startswith("| RigL >= SET")]
     assert rigl_vs_set and all("**holds**" in r for r in rigl_vs_set)
     assert f"{len(PLANNED)} finished runs of the {len(PLANNED)} planned" in text
+
+
+def test_a_missing_data_set_stops_the_reproduction_before_any_training(tmp_path, capsys):
+    from sparsetrain.cli import main
+
+    code = main(["reproduce", "--runs-dir", str(tmp_path / "runs"), "--results",
+                 str(tmp_path / "R.md"), "--cifar10-sample", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cifar10_sample.npz" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "R.md").exists()
+    assert main(["reproduce", "--jobs", "0", "--runs-dir", str(tmp_path / "runs")]) == 2

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..data import load_dataset
 from .claims import MARGIN, Claim, claims_table, measure
 from .config import TrainConfig
 from .folder import atomic_write_json
@@ -213,6 +214,8 @@ def train_all(out: Path, *, jobs: int, cifar10_sample: str | None = None,
               log: Callable[[str], None] = print) -> None:
     """Train every cell not finished yet; add this call's wall time to ``reproduce.json``."""
     todo = cells(cifar10_sample)
+    for data, data_dir in sorted({(c.data, c.data_dir) for c in todo}, key=str):
+        load_dataset(data, data_dir)  # a missing data set fails now, not after an hour
     missing = sum(not (out / c.run_name() / "summary.json").is_file() for c in todo)
     start = time.perf_counter()
     run_sweep(todo, out, jobs=jobs, log=log)
