@@ -229,7 +229,7 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .runner.report import format_table, summarise, collect_runs, write_report
-    from .runner.sweep import expand_grid, load_sweep_file, run_sweep
+    from .runner.sweep import expand_grid, load_sweep_exclude, load_sweep_file, run_sweep
 
     base: dict[str, Any] = {}
     grid: dict[str, Any] = {}
@@ -243,6 +243,7 @@ def _sweep(args: argparse.Namespace) -> int:
         file_base, file_grid = load_sweep_file(args.config)
         base.update(file_base)
         grid.update(file_grid)
+        exclude += load_sweep_exclude(args.config)
         name = args.config.stem
     base.update(_given_settings(args))
     for item in args.grid:

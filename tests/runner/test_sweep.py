@@ -7,7 +7,8 @@ import pytest
 
 from sparsetrain.runner.config import ConfigError
 from sparsetrain.runner import Trainer
-from sparsetrain.runner.sweep import PRESETS, expand_grid, load_sweep_file, run_sweep
+from sparsetrain.runner.sweep import (PRESETS, expand_grid, load_sweep_exclude, load_sweep_file,
+                                     run_sweep)
 
 BASE = {"model": "lenet300", "data": "synthetic", "epochs": 1, "batch_size": 32,
         "data_options": {"n_train": 64, "n_test": 16, "input_shape": [1, 4, 4]},
@@ -70,3 +71,22 @@ def test_parallel_jobs(tmp_path):
     cells = expand_grid(BASE, {"method": ["static", "rigl"], "density": [0.5]})
     folders = run_sweep(cells, tmp_path, jobs=2, log=quiet)
     assert all((f / "summary.json").exists() for f in folders)
+
+
+def test_a_sweep_file_may_leave_cells_out(tmp_path):
+    from sparsetrain.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text("base: {model: lenet300, data: synthetic, data_options: {n_train: 64, "
+                    "n_test: 16, input_shape: [1, 6, 6], num_classes: 3}, epochs: 1, "
+                    "batch_size: 32, progress: false, device: cpu}\n"
+                    "grid: {method: [static, set], density: [0.5, 0.2]}\n"
+                    "exclude: [{method: set, density: 0.2}]\n")
+    assert load_sweep_exclude(path) == [{"method": "set", "density": 0.2}]
+    assert main(["sweep", "--config", str(path), "--sweep-dir", str(tmp_path / "runs"),
+                 "--no-analysis"]) == 0
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name != "report")
+    assert len(names) == 3 and not any("set_density0.2" in n for n in names)
+    path.write_text("base: {model: lenet300}\ngrid: {seed: [0]}\nexclude: [{colour: red}]\n")
+    with pytest.raises(ConfigError, match="colour"):
+        load_sweep_exclude(path)

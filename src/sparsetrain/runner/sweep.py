@@ -12,10 +12,12 @@ A sweep file is YAML with two mappings, ``base`` (settings shared by every cell)
     grid: {method: [dense, static, rigl], density: [0.1, 0.05], seed: [0, 1]}
 
 Dense training does not depend on the density or the distribution: its cells are merged.
-A preset (and ``expand_grid``) may also name cells to leave out of the product, ``exclude``:
-a list of mappings of settings to a value or a list of values; a cell is left out when each
-setting of one such mapping has one of its values (the "long" preset: GMP at length 1 only).
-Sweep files have no ``exclude``.
+A sweep file or a preset (and ``expand_grid``) may also name cells to leave out of the
+product, ``exclude``: a list of mappings of settings to a value or a list of values; a cell is
+left out when each setting of one such mapping has one of its values (the "long" preset: GMP
+at length 1 only)::
+
+    exclude: [{method: gmp, length: [2, 5]}]
 """
 
 from __future__ import annotations
@@ -89,11 +91,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def load_sweep_file(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-
+    """``base`` and ``grid`` of a sweep file (``load_sweep_exclude`` reads its ``exclude``)."""
     path = Path(path)
     raw = read_yaml_file(path, "sweep file")
-    if not isinstance(raw, Mapping) or set(raw) - {"base", "grid"}:
-        raise ConfigError(f"sweep file {path} must be a mapping with the keys 'base' and 'grid'")
+    if not isinstance(raw, Mapping) or set(raw) - {"base", "grid", "exclude"}:
+        raise ConfigError(f"sweep file {path} must be a mapping with the keys 'base' and "
+                          "'grid' (and, if cells are left out, 'exclude')")
     parts = {key: raw.get(key) or {} for key in ("base", "grid")}
     for key, part in parts.items():
         if not isinstance(part, Mapping):
@@ -101,6 +104,17 @@ def load_sweep_file(path: str | Path) -> tuple[dict[str, Any], dict[str, list[An
                               f"{'value' if key == 'base' else 'list of values'}), not a "
                               f"{type(part).__name__}")
     return dict(parts["base"]), dict(parts["grid"])
+
+
+def load_sweep_exclude(path: str | Path) -> list[dict[str, Any]]:
+    """The ``exclude`` list of a sweep file (empty when it has none), checked."""
+    raw = read_yaml_file(Path(path), "sweep file")
+    exclude = (raw.get("exclude") or []) if isinstance(raw, Mapping) else []
+    try:
+        _exclusions(exclude)
+    except ConfigError as exc:
+        raise ConfigError(f"sweep file {path}: {exc}") from None
+    return list(exclude)
 
 
 def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Any],
