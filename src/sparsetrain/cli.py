@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "$SPARSETRAIN_CIFAR10_SAMPLE)")
     reproduce.add_argument("--no-train", action="store_true",
                            help="only measure the claims on the runs already finished")
+    reproduce.add_argument("--no-analysis", action="store_true",
+                           help="skip `sparsetrain analyze` of the runs (written to the "
+                                "results file's folder, analysis/, and linked from it)")
     commands.add_parser("list", help="list the models, data sets and methods")
     return parser
 
@@ -306,8 +309,13 @@ def _reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not args.no_train:
         train_all(args.runs_dir, jobs=args.jobs, cifar10_sample=args.cifar10_sample)
     command = "sparsetrain reproduce" + "".join(
-        f" {a}" for a in argv[1:] if a != "--no-train")
-    path, counts = write_results(args.runs_dir, args.results, command)
+        f" {a}" for a in argv[1:] if a not in ("--no-train", "--no-analysis"))
+    analysis = args.results.parent / "analysis"  # linked when there, even if not rewritten
+    if not args.no_analysis:
+        from .runner.analyze import write_analysis
+
+        write_analysis([args.runs_dir], analysis)
+    path, counts = write_results(args.runs_dir, args.results, command, analysis=analysis)
     print("claims: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(f"claims table written to {path}")
     return 0

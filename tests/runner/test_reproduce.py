@@ -53,11 +53,17 @@ def test_the_claims_table_is_written_from_finished_runs(tmp_path):
         # RigL 0.01 above every other method, seeds apart by a little noise
         accuracy = 0.8 + (0.01 if c.method == "rigl" else 0.0) + 0.001 * ((i * 7) % 3)
         folder.write_summary(run, fake_summary(c, accuracy))
-    path, counts = write_results(runs, tmp_path / "RESULTS.md", "sparsetrain reproduce")
+    analysis = tmp_path / "analysis"
+    analysis.mkdir()
+    for name in ("analysis.md", "lines.png"):
+        (analysis / name).write_text("x")
+    path, counts = write_results(runs, tmp_path / "RESULTS.md", "sparsetrain reproduce",
+                                 analysis=analysis)
     text = path.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and line.endswith("** |")]
     assert len(rows) == len(claims()) == sum(counts.values())
     assert "no runs" not in text
+    assert "(analysis/analysis.md)" in text and "(analysis/lines.png)" in text
     rigl_vs_set = [r for r in rows if r.startswith("| RigL >= SET")]
     assert rigl_vs_set and all("**holds**" in r for r in rigl_vs_set)
     assert f"{len(PLANNED)} finished runs of the {len(PLANNED)} planned" in text

@@ -239,9 +239,25 @@ def _studies_table() -> list[str]:
     return lines
 
 
-def write_results(out: Path, results: Path, command: str) -> tuple[Path, dict[str, int]]:
+def _analysis_links(analysis: Path | None, where: Path) -> list[str]:
+    from .report import analysis_links
+
+    links = analysis_links(analysis, where)
+    if not links:
+        return []
+    return ["## Inside the runs", "",
+            "`sparsetrain analyze` on the same runs: the overlap of the final masks across "
+            "seeds and methods, the training loss along the lines from initialisation to "
+            "solution and between solutions, the gradient norm at initialisation and through "
+            "training, the ever-active fraction against accuracy, and the per-layer density "
+            "over time.", ""] + [f"- [{what}]({path})" for path, what in links] + [""]
+
+
+def write_results(out: Path, results: Path, command: str, *, analysis: Path | None = None
+                  ) -> tuple[Path, dict[str, int]]:
     """Measure every claim on the finished runs in ``out``; write the claims table to
-    ``results``. Returns the path and the count of each verdict."""
+    ``results`` (linking ``analysis``, where ``sparsetrain analyze`` wrote about the runs,
+    when given). Returns the path and the count of each verdict."""
     summaries = [r["summary"] for r in collect_runs([out]) if r["summary"] is not None]
     measured = [measure(c, summaries) for c in claims()]
     counts: dict[str, int] = {}
@@ -272,6 +288,7 @@ def write_results(out: Path, results: Path, command: str) -> tuple[Path, dict[st
         "(random pruning at initialisation).", "",
         *claims_table(measured), "",
         "## What a failure here means", "", CAVEATS,
+        *_analysis_links(analysis, results.parent),
         "## The runs", "",
         "All in one folder (a cell shared by two studies is trained once), 3 seeds each. "
         "Fashion-MNIST runs use the README main job's settings (SGD with momentum 0.9, "
