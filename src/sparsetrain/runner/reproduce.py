@@ -231,8 +231,8 @@ def _studies_table() -> list[str]:
     lines = ["| study | model and data | epochs | methods | densities | other |",
              "|---|---|---:|---|---|---|"]
     for name, (base, grid) in STUDIES.items():
-        other = ", ".join(f"{k} {'/'.join(str(v) for v in vals)}" for k, vals in grid.items()
-                          if k not in ("method", "density"))
+        other = ", ".join(f"{k} {'/'.join('none' if v is None else str(v) for v in vals)}"
+                          for k, vals in grid.items() if k not in ("method", "density"))
         lines.append(f"| {name} | {NAMES[base['model']]} | {base['epochs']} | "
                      f"{', '.join(grid['method'])} | "
                      f"{', '.join(f'{d:g}' for d in grid['density'])} | {other or '-'} |")
