@@ -182,10 +182,11 @@ def claims() -> list[Claim]:
 
 TIMING = "reproduce.json"
 
-CAVEATS = """\
-- **Small data, short training.** Every run here is short: 10 epochs of Fashion-MNIST for
-  LeNet-300-100, 2 for LeNet-5, and 5 and 10 epochs of a 5,438-image sample of CIFAR-10 for
-  ResNet-20 and VGG-11 at a quarter of its width. The papers train CIFAR-10 for 160-250 epochs
+CAVEATS = f"""\
+- **Small data, short training.** Every run here is short: {FASHION['epochs']} epochs of
+  Fashion-MNIST for LeNet-300-100, {LENET5['epochs']} for LeNet-5, and {RESNET20['epochs']} and
+  {VGG['epochs']} epochs of a 5,438-image sample of CIFAR-10 for ResNet-20 and VGG-11 at
+  {VGG['width']:g} of its width. The papers train CIFAR-10 for 160-250 epochs
   on 50,000 images and ImageNet for 100 epochs or more. A method that needs time to find a
   good topology (RigL, SET) has few mask updates here; a claim that fails here may hold with
   the papers' budgets, and this table says nothing about it then.
