@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from sparsetrain.runner.claims import (FAILS, HOLDS, MARGIN, UNCLEAR, Claim, correlation,
-                                       matches, measure, verdict)
+from sparsetrain.runner.claims import (FAILS, HOLDS, MARGIN, UNCLEAR, Claim, collapsed,
+                                       correlation, matches, measure, verdict)
 from sparsetrain.runner.config import ConfigError
 from sparsetrain.runner.stats import Difference
 
@@ -98,3 +98,13 @@ def test_collapse_counts_runs_with_an_empty_layer():
     assert measure(claim, synflow).verdict == UNCLEAR  # nothing collapsed: nothing avoided
     broken = [run("synflow", 0, 0.1, layers={"a": 0.0})]
     assert measure(claim, broken + snip).verdict == FAILS
+
+
+def test_a_layer_left_with_one_weight_counts_as_collapsed():
+    kept_one = run("snip", 0, 0.1, layers={"a": 1 / 784, "b": 0.2})
+    kept_one["layer_active_counts"] = {"a": 1, "b": 60}
+    assert collapsed(kept_one)
+    kept_one["layer_active_counts"] = {"a": 2, "b": 60}
+    assert not collapsed(kept_one)
+    assert collapsed(run("snip", 0, 0.1, layers={"a": 0.0}))  # without counts: empty only
+    assert not collapsed(run("snip", 0, 0.1, layers={"a": 1 / 784}))

@@ -78,3 +78,21 @@ def test_a_missing_data_set_stops_the_reproduction_before_any_training(tmp_path,
     assert code == 2 and "cifar10_sample.npz" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "R.md").exists()
     assert main(["reproduce", "--jobs", "0", "--runs-dir", str(tmp_path / "runs")]) == 2
+
+
+def test_active_counts_come_from_the_checkpoint_when_the_summary_lacks_them(tmp_path):
+    from sparsetrain.runner import Trainer, make_config
+    from sparsetrain.runner.reproduce import with_active_counts
+    from sparsetrain.runner.results import collect_runs
+
+    config = make_config(dict(model="lenet300", data="synthetic", method="snip", density=0.1,
+                              epochs=1, batch_size=32, progress=False, device="cpu",
+                              data_options={"n_train": 64, "n_test": 16,
+                                            "input_shape": [1, 6, 6], "num_classes": 3}))
+    summary = Trainer(config, tmp_path / "run", log=lambda m: None).train()
+    counts = summary["layer_active_counts"]
+    assert sum(counts.values()) == round(0.1 * (36 * 300 + 300 * 100 + 100 * 3))
+    (run,) = collect_runs([tmp_path / "run"])
+    assert with_active_counts(run) is run["summary"]  # has them: nothing read
+    del run["summary"]["layer_active_counts"]
+    assert with_active_counts(run)["layer_active_counts"] == counts

@@ -124,7 +124,14 @@ def correlation(x: list[float], y: list[float]) -> tuple[float, float | None, fl
 
 
 def collapsed(summary: Mapping[str, Any]) -> bool:
-    """Whether some sparsified layer of the run ended with no active weight."""
+    """Whether some sparsified layer of the run ended with at most one active weight: empty,
+    or holding only the one weight that global pruning keeps in a layer it would otherwise
+    empty (``selection.select_global``), which leaves the layer all but cut. From
+    ``layer_active_counts`` where the summary has them, else from ``layer_densities`` (an
+    empty layer only)."""
+    counts = summary.get("layer_active_counts")
+    if isinstance(counts, Mapping) and counts:
+        return any(v <= 1 for v in counts.values())
     return any(v == 0 for v in summary.get("layer_densities", {}).values())
 
 
@@ -165,7 +172,8 @@ def measure(claim: Claim, summaries: list[Mapping[str, Any]]) -> Measured:
         accuracy = ", ".join(f"{name} {statistics.fmean(s['test_accuracy'] for s in runs):.3f}"
                              for name, runs in [(claim.a.get("method", "?"), mine), *theirs]
                              if runs)
-        text = f"runs with an empty layer: {', '.join(parts)}; accuracy {accuracy}"
+        text = (f"runs with a layer of at most one weight: {', '.join(parts)}; accuracy "
+                f"{accuracy}")
         others_collapse = any(collapsed(s) for _, runs in theirs for s in runs)
         if not mine:
             return Measured(claim, "no runs (train them first)", UNCLEAR, 0)

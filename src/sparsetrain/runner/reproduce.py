@@ -21,8 +21,8 @@ import torch
 
 from ..data import load_dataset
 from .claims import MARGIN, Claim, claims_table, measure
-from .config import TrainConfig
-from .folder import atomic_write_json
+from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig, make_config
+from .folder import atomic_write_json, load_checkpoint
 from .results import collect_runs
 from .sweep import PRESETS, expand_grid, run_sweep
 
@@ -240,6 +240,21 @@ def _studies_table() -> list[str]:
     return lines
 
 
+def with_active_counts(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary, with ``layer_active_counts`` read from its checkpoint where the
+    summary lacks them (runs of pruning at initialisation trained before summaries had them;
+    the collapse claims count them)."""
+    summary = run["summary"]
+    if "layer_active_counts" in summary or summary["method"] not in PRUNE_AT_INIT_METHODS:
+        return summary
+    try:
+        checkpoint = load_checkpoint(run["folder"], make_config(summary["config"]))
+    except ConfigError:
+        return summary
+    positions = (checkpoint.get("sparsifier") or {}).get("positions") or {}
+    return {**summary, "layer_active_counts": {k: int(v.numel()) for k, v in positions.items()}}
+
+
 def _analysis_links(analysis: Path | None, where: Path) -> list[str]:
     from .report import analysis_links
 
@@ -259,7 +274,7 @@ def write_results(out: Path, results: Path, command: str, *, analysis: Path | No
     """Measure every claim on the finished runs in ``out``; write the claims table to
     ``results`` (linking ``analysis``, where ``sparsetrain analyze`` wrote about the runs,
     when given). Returns the path and the count of each verdict."""
-    summaries = [r["summary"] for r in collect_runs([out]) if r["summary"] is not None]
+    summaries = [with_active_counts(r) for r in collect_runs([out]) if r["summary"] is not None]
     measured = [measure(c, summaries) for c in claims()]
     counts: dict[str, int] = {}
     for m in measured:

@@ -389,6 +389,8 @@ class Trainer:
             "steps": s.step,
             "wall_time_s": round(s.wall_time_s, 3),
             "layer_densities": self.layer_densities(),
+            "layer_active_counts": ({} if self.sparsifier is None
+                                    else self.sparsifier.active_counts()),
             "width": self.width,
             "train_flops": s.train_flops,
             # relative to dense training of the same model and data at length 1 (3 f_D per
