@@ -46,7 +46,7 @@ def _positions(run: dict[str, Any]) -> dict[str, Any]:
 
 def overlap_tables(runs: list[dict[str, Any]]) -> dict[tuple[str, float], dict]:
     """(model, density) -> {(label a, label b): mean overall Jaccard over run pairs}."""
-    labels = run_labels(runs)
+    labels = run_labels(runs, with_model=False)  # tables of one model each
     groups: dict[tuple[str, float], list[tuple[str, dict]]] = defaultdict(list)
     for run in runs:
         s = run["summary"]
@@ -164,7 +164,7 @@ def write_analysis(paths: Iterable[str | Path], out_dir: str | Path, *,
         raise ValueError("no finished runs (folders with a summary.json) in the given paths")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = run_labels(runs)
+    labels = run_labels(runs, with_model=False)  # for the sections of one model each
     md = ["# Analysis", "", f"{len(runs)} finished runs.", "", "## Mask overlap", ""]
     tables = overlap_tables(runs)
     md += _overlap_markdown(tables) if tables else ["No sparse run with a checkpoint.", ""]

@@ -150,9 +150,12 @@ def plot(result: dict[tuple[str, float], dict], path: Path) -> bool:
         return False
     keys = sorted(result, key=lambda k: (k[0], -k[1]))
     plt = _pyplot()
-    fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.4 * len(keys)), squeeze=False)
+    fig, axes = plt.subplots(len(keys), 2, figsize=(15, 3.6 * len(keys)), squeeze=False)
     for row, key in zip(axes, keys):
         found = result[key]
+        if max(len(found["init"]), len(found["static"])) > 10:  # more lines than colours
+            for ax in row:
+                ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for label, losses in found["init"].items():
             row[0].plot(ALPHAS, losses, marker=".", label=label)
         for label, losses in found["static"].items():
@@ -166,7 +169,9 @@ def plot(result: dict[tuple[str, float], dict], path: Path) -> bool:
             ax.set_ylabel("training loss")
             ax.set_yscale("log")
             ax.grid(True, alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+            handles = ax.get_legend_handles_labels()[0]
+            if handles:
+                ax.legend(fontsize=5 if len(handles) > 8 else 7, ncol=2 if len(handles) > 8
+                          else 1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return _save(fig, path)

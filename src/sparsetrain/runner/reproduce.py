@@ -155,7 +155,7 @@ def claims() -> list[Claim]:
     for d in (0.1, 0.02):
         out += _pruning(VGG, d)
     for d in (0.01, 0.002):
-        out.append(Claim("SynFlow avoids layer collapse (no layer left empty)", SYNFLOW,
+        out.append(Claim("SynFlow avoids layer collapse (no layer cut to one weight or none)", SYNFLOW,
                          f"{NAMES['lenet300']}, density {d:g}", "collapse",
                          _sel(FASHION, method="synflow", density=d),
                          others=(_sel(FASHION, method="snip", density=d),

@@ -172,10 +172,11 @@ def variant_labels(runs: list[dict[str, Any]]) -> dict[Path, str]:
     return labels
 
 
-def run_labels(runs: list[dict[str, Any]]) -> dict[Path, str]:
+def run_labels(runs: list[dict[str, Any]], *, with_model: bool = True) -> dict[Path, str]:
     """run folder -> how plots name its row among ``runs``: the method (with its length when
     not 1), the distribution when the sparse runs use several, the model when there are
-    several, and the run's variant (``variant_labels``)."""
+    several (and ``with_model``: not for tables and plots of one model), and the run's
+    variant (``variant_labels``)."""
     done = [r for r in runs if r["summary"] is not None]
     keys = {r["folder"]: run_key(r["summary"]) for r in done}
     models = {k[0] for k in keys.values()}
@@ -190,7 +191,7 @@ def run_labels(runs: list[dict[str, Any]]) -> dict[Path, str]:
             label += f" ({distribution})"
         if variants[run["folder"]]:
             label += f" [{variants[run['folder']]}]"
-        labels[run["folder"]] = f"{model}: {label}" if len(models) > 1 else label
+        labels[run["folder"]] = f"{model}: {label}" if with_model and len(models) > 1 else label
     return labels
 
 
