@@ -35,7 +35,7 @@ __all__ = ["PRESETS", "SweepFailed", "SweepStopped", "expand_grid", "load_sweep_
            "run_sweep"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The README's main job: 66 runs (3 seeds), about 10 minutes on 2 CPU cores, setup included.
+    # The README's main job: 66 runs (3 seeds), 10-15 minutes on 2 CPU cores, setup included.
     "fashion-mnist": {
         "base": {"model": "lenet300", "data": "fashion-mnist", "distribution": "erk",
                  "epochs": 10, "batch_size": 128, "lr": 0.05, "lr_schedule": "cosine",
