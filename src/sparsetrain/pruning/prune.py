@@ -26,6 +26,8 @@ from ..sparsity.distributions import check_density, densities_for_shapes
 from ..sparsity.masks import active_count
 from ..sparsity.permutation import PRUNE, RandomOrder
 from ..sparsity.selection import order_keys, select_global, top_k_mask
+from ..sparsity.structure import (Structure, check_fits, count_for, parse_structure,
+                                  structured_top_k)
 from ..sparsity.targets import partition
 from .scores import LossFn, _batches, check_pruning_method, pruning_scores
 
@@ -45,6 +47,7 @@ def prune_at_init(
     loss_fn: LossFn | None = None,
     seed: int = 0,
     sparsify_embeddings: bool = False,
+    structure: str | None = None,
     **options,
 ) -> dict[str, torch.Tensor]:
     """Masks (name -> bool tensor) keeping the best-scored weights of ``model``.
@@ -57,8 +60,16 @@ def prune_at_init(
     by default, or ``"er"``, ``"erk"``, a dict name -> density). ``iterations`` rounds prune to
     ``d ** (e / iterations)`` (per layer ``d_l ** (e / iterations)``). Weights matched by
     ``dense_layers`` (and position embeddings, unless ``sparsify_embeddings``) are neither
-    scored against the others nor in the result: pass the same settings to the sparsifier. Ties are broken at random with ``seed``. The model is
-    left unchanged; apply the masks by giving them to a sparsifier (``masks=``).
+    scored against the others nor in the result: pass the same settings to the sparsifier.
+    Ties are broken at random with ``seed``. The model is left unchanged; apply the masks by
+    giving them to a sparsifier (``masks=``).
+
+    ``structure`` (``"N:M"``, ``"fan-in"``, ``"block:RxC"``; see
+    ``st.sparsity.structure``): each round first decides how many weights every layer keeps
+    as above, rounds that to what the structure can hold (N/M of the layer; a multiple of its
+    rows, at least one a row; whole blocks), then keeps the best-scored weights within the
+    structure (summed over a block). The total can then differ a little from
+    ``round(density * total)``: ``mask_density`` gives it. N:M needs ``density`` = N/M.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -77,6 +88,7 @@ def prune_at_init(
             "distribution applies to scope='layer' only; with scope='global' the scores decide "
             "how many weights each layer keeps"
         )
+    shape_of = structured(structure, model, dense_layers, sparsify_embeddings, density)
     if "masks" in options:
         raise ValueError("prune_at_init makes the masks; it takes no masks option")
     sparse, _ = partition(model, dense_layers, sparsify_embeddings=sparsify_embeddings)
@@ -107,7 +119,37 @@ def prune_at_init(
                                    order_keys(RandomOrder(t.numel, PRUNE, int(seed), e, i)))
                 for i, t in enumerate(sparse)
             }
+        if shape_of is not None:
+            masks = _within(shape_of, masks, scores, sparse, int(seed), e)
     return {t.name: masks[t.name].to(t.param.device) for t in sparse}
+
+
+def structured(structure: str | None, model: nn.Module, dense_layers, sparsify_embeddings: bool,
+               density: float) -> Structure | None:
+    """The parsed ``structure`` (``None`` when unstructured), checked against every sparsified
+    layer of ``model`` (``ValueError`` naming the layer and what would fit)."""
+    s = parse_structure(structure)
+    if s.kind == "unstructured":
+        return None
+    sparse, _ = partition(model, dense_layers, sparsify_embeddings=sparsify_embeddings)
+    for t in sparse:
+        check_fits(s, tuple(t.shape), t.name, density if s.kind == "n:m" else None)
+    return s
+
+
+def _within(s: Structure, masks: Mapping[str, torch.Tensor], scores: Mapping[str, torch.Tensor],
+            sparse, seed: int, e: int) -> dict[str, torch.Tensor]:
+    """Each layer's mask remade within structure ``s``: as many weights as the structure can
+    hold nearest the unstructured count, the best-scored within it."""
+    out = {}
+    for i, t in enumerate(sparse):
+        score = scores[t.name].to(torch.float64)
+        count = count_for(s, tuple(t.shape), int(masks[t.name].sum()))
+        keys = order_keys(RandomOrder(t.numel, PRUNE, seed, e, i))
+        mask = torch.zeros(t.numel, dtype=torch.bool, device=score.device)
+        mask[structured_top_k(s, score, count, keys)] = True
+        out[t.name] = mask.view(t.shape)
+    return out
 
 
 def mask_density(masks: Mapping[str, torch.Tensor]) -> float:
