@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the runs behind docs/RESULTS.md and rewrite it: the papers' claims measured with 95%
-# confidence intervals over 3 seeds (261 runs, about an hour on 2 CPU cores). Finished runs in
+# confidence intervals over 3 seeds (261 runs, about 90 minutes on 2 CPU cores). Finished runs in
 # runs/reproduce are kept, so a stopped reproduction continues where it stopped; extra options
 # go to `sparsetrain reproduce` (--jobs N, --runs-dir DIR, --results FILE, --no-train).
 # The CIFAR-10 runs read cifar10_sample.npz from $SPARSETRAIN_CIFAR10_SAMPLE, else from

@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "lowest seed and evaluates 2048 training examples at 11 points)")
     reproduce = commands.add_parser(
         "reproduce", help="train the runs behind the papers' claims and write the claims table",
-        description="Train every run of the claims table that is not finished yet (about an "
-                    "hour on 2 cores from scratch), then measure each claim and write the "
-                    "table (docs/RESULTS.md).")
+        description="Train every run of the claims table that is not finished yet (about "
+                    "90 minutes on 2 cores from scratch), then measure each claim and write "
+                    "the table (docs/RESULTS.md).")
     reproduce.add_argument("--runs-dir", type=Path, default=Path("runs/reproduce"),
                            help="folder of the runs (default: runs/reproduce)")
     reproduce.add_argument("--results", type=Path, default=Path("docs/RESULTS.md"),
@@ -230,9 +230,17 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
+def _check_jobs(jobs: int) -> None:
+    try:
+        checks.positive_int(jobs, "--jobs", fix="--jobs is the number of runs trained at the "
+                            "same time; 1 trains them one after the other")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from .runner.report import format_table, summarise, collect_runs, write_report
-    from .runner.sweep import expand_grid, load_sweep_exclude, load_sweep_file, run_sweep
+    from .runner.sweep import expand_grid, read_sweep_file, run_sweep
 
     base: dict[str, Any] = {}
     grid: dict[str, Any] = {}
@@ -243,10 +251,10 @@ def _sweep(args: argparse.Namespace) -> int:
         exclude = list(PRESETS[args.preset].get("exclude", []))
         name = args.preset
     if args.config:
-        file_base, file_grid = load_sweep_file(args.config)
+        file_base, file_grid, file_exclude = read_sweep_file(args.config)
         base.update(file_base)
         grid.update(file_grid)
-        exclude += load_sweep_exclude(args.config)
+        exclude += file_exclude
         name = args.config.stem
     base.update(_given_settings(args))
     for item in args.grid:
@@ -257,11 +265,7 @@ def _sweep(args: argparse.Namespace) -> int:
                      for v in values.split(",") if v.strip()]
     if not grid:
         raise ConfigError("nothing to sweep: give --preset, --config or --grid KEY=V1,V2")
-    try:
-        checks.positive_int(args.jobs, "--jobs", fix="--jobs is the number of runs trained "
-                            "at the same time; 1 trains them one after the other")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    _check_jobs(args.jobs)
     cells = expand_grid(base, grid, exclude)
     sweep_dir = args.sweep_dir or Path("runs") / f"sweep-{name}"
     folders = run_sweep(cells, sweep_dir, jobs=args.jobs)
@@ -301,11 +305,7 @@ def _analyze(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .runner.reproduce import train_all, write_results
 
-    try:
-        checks.positive_int(args.jobs, "--jobs", fix="--jobs is the number of runs trained "
-                            "at the same time; 1 trains them one after the other")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    _check_jobs(args.jobs)
     if not args.no_train:
         train_all(args.runs_dir, jobs=args.jobs, cifar10_sample=args.cifar10_sample)
     command = "sparsetrain reproduce" + "".join(

@@ -3,8 +3,8 @@
 ``gradient_norms(model, batches, masks=None)`` accumulates the gradient of the mean loss over
 ``batches`` (as one large batch would give it) and returns the 2-norm of each weight's
 gradient, counting only its active positions when ``masks`` names it (``sparsifier.masks``:
-the gradient the sparse network trains with), and the norm over all of them. The model runs in the mode
-it is in (``train()`` or ``eval()``); its own gradients are left as they were.
+the gradient the sparse network trains with), and the norm over all of them. The model runs in
+the mode it is in (``train()`` or ``eval()``); its own gradients are left as they were.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 ``mask_overlap(a, b)`` takes two mappings of weight names to bool masks (``sparsifier.masks``)
 over the same weights, and gives the overlap of each weight's active sets and of all of them
 together; ``position_overlap(a, b)`` the same from the sorted flat positions of the active
-weights (``sparsifier.state_dict()["positions"]``, as checkpoints hold them). Two independent random masks of density d
-overlap by about d / (2 - d); identical masks by 1.
+weights (``sparsifier.state_dict()["positions"]``, as checkpoints hold them). Two independent
+random masks of density d overlap by about d / (2 - d); identical masks by 1.
 """
 
 from __future__ import annotations

@@ -109,10 +109,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     csr = {path: m for path, m in model.named_modules() if isinstance(m, CSRLinear)}
     state: dict[str, torch.Tensor] = {}
     for name, value in model.state_dict().items():
-        path = name.rpartition(".")[0]
-        owner = next((p for p in csr if path == p or (p and path.startswith(p + "."))
-                      or (not p)), None)
-        if owner is None:
+        if name.rpartition(".")[0] not in csr:  # a CSR layer's entries are replaced below
             state[name] = value.detach().clone()
     for path, module in csr.items():
         prefix = f"{path}." if path else ""

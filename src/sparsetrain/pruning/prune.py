@@ -88,10 +88,10 @@ def prune_at_init(
             "distribution applies to scope='layer' only; with scope='global' the scores decide "
             "how many weights each layer keeps"
         )
-    shape_of = structured(structure, model, dense_layers, sparsify_embeddings, density)
     if "masks" in options:
         raise ValueError("prune_at_init makes the masks; it takes no masks option")
     sparse, _ = partition(model, dense_layers, sparsify_embeddings=sparsify_embeddings)
+    layout = structured(structure, sparse, density)
     shapes = {t.name: tuple(t.shape) for t in sparse}
     final = densities_for_shapes(shapes, density, distribution or "uniform")
     if data is not None and key in ("snip", "grasp"):
@@ -119,19 +119,17 @@ def prune_at_init(
                                    order_keys(RandomOrder(t.numel, PRUNE, int(seed), e, i)))
                 for i, t in enumerate(sparse)
             }
-        if shape_of is not None:
-            masks = _within(shape_of, masks, scores, sparse, int(seed), e)
+        if layout is not None:
+            masks = _within(layout, masks, scores, sparse, int(seed), e)
     return {t.name: masks[t.name].to(t.param.device) for t in sparse}
 
 
-def structured(structure: str | None, model: nn.Module, dense_layers, sparsify_embeddings: bool,
-               density: float) -> Structure | None:
+def structured(structure: str | None, sparse, density: float) -> Structure | None:
     """The parsed ``structure`` (``None`` when unstructured), checked against every sparsified
-    layer of ``model`` (``ValueError`` naming the layer and what would fit)."""
+    weight of ``sparse`` (``ValueError`` naming the layer and what would fit)."""
     s = parse_structure(structure)
     if s.kind == "unstructured":
         return None
-    sparse, _ = partition(model, dense_layers, sparsify_embeddings=sparsify_embeddings)
     for t in sparse:
         check_fits(s, tuple(t.shape), t.name, density if s.kind == "n:m" else None)
     return s

@@ -38,10 +38,12 @@ from .results import collect_runs, label_rank, run_key, run_labels
 DENSE = ("dense", "small-dense")
 
 
-def _positions(run: dict[str, Any]) -> dict[str, Any]:
+def final_positions(run: dict[str, Any]) -> dict[str, Any]:
+    """Weight name -> sorted flat active positions at the end of a finished run, from its
+    checkpoint (empty for a dense run); ``ConfigError`` when the checkpoint cannot be read."""
     summary = run["summary"]
     checkpoint = load_checkpoint(run["folder"], make_config(summary["config"]))
-    return checkpoint["sparsifier"]["positions"]
+    return (checkpoint.get("sparsifier") or {}).get("positions") or {}
 
 
 def overlap_tables(runs: list[dict[str, Any]]) -> dict[tuple[str, float], dict]:
@@ -53,7 +55,7 @@ def overlap_tables(runs: list[dict[str, Any]]) -> dict[tuple[str, float], dict]:
         if s["method"] in DENSE or not (run["folder"] / "checkpoint.pt").is_file():
             continue
         model, _, _, density = run_key(s)
-        groups[(model, density)].append((labels[run["folder"]], _positions(run)))
+        groups[(model, density)].append((labels[run["folder"]], final_positions(run)))
     tables = {}
     for key, items in groups.items():
         pairs: dict[tuple[str, str], list[float]] = defaultdict(list)

@@ -23,13 +23,12 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, saved_setting
 from .stats import Difference, paired_difference
 
 #: The loss of accuracy that an ``A >= B`` claim tolerates when the interval contains 0.
 MARGIN = 0.005
 HOLDS, FAILS, UNCLEAR = "holds", "does not hold", "inconclusive"
-_DEFAULTS = TrainConfig().to_dict()
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def matches(summary: Mapping[str, Any], selector: Mapping[str, Any]) -> bool:
     for key, value in selector.items():
         if key == "density" and config.get("method") == "dense":
             continue
-        have = config.get(key, _DEFAULTS.get(key))
+        have = saved_setting(config, key)
         if isinstance(value, tuple):  # one of several values
             if not any(_equal(have, v) for v in value):
                 return False

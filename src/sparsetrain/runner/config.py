@@ -316,6 +316,16 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         ) from None
 
 
+def saved_setting(saved: Mapping[str, Any], key: str) -> Any:
+    """Setting ``key`` of saved settings (a checkpoint's or a summary's ``config``): its
+    default where they were saved before the setting existed (``None`` for a name that is no
+    setting)."""
+    return saved[key] if key in saved else _DEFAULTS.get(key)
+
+
+_DEFAULTS = TrainConfig().to_dict()  # every setting's default, as to_dict gives it
+
+
 def make_config(*layers: Mapping[str, Any]) -> TrainConfig:
     """A checked ``TrainConfig`` from settings dicts, later ones overriding earlier ones."""
     merged: dict[str, Any] = {}

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .config import ConfigError, TrainConfig, dump_yaml
+from .config import ConfigError, TrainConfig, dump_yaml, saved_setting
 from .lock import LOCK, FolderLock  # noqa: F401 (LOCK: one of the folder's file names)
 
 CONFIG = "config.yaml"
@@ -296,11 +296,10 @@ def load_checkpoint(folder: Path, config: TrainConfig,
         raise ConfigError(f"{damaged} (it has no settings)")
     skip = set(changed)
     # a setting added since the checkpoint was written had its default value then
-    defaults = TrainConfig().semantic_dict()
     differs = sorted(k for k, v in config.semantic_dict().items()
-                     if k not in skip and saved.get(k, defaults[k]) != v)
+                     if k not in skip and saved_setting(saved, k) != v)
     if differs:
-        details = ", ".join(f"{k}: saved {saved.get(k, defaults[k])!r}, now "
+        details = ", ".join(f"{k}: saved {saved_setting(saved, k)!r}, now "
                             f"{getattr(config, k)!r}"
                             for k in differs)
         raise ConfigError(f"{path} is from a different configuration ({details}); resume "

@@ -20,9 +20,11 @@ from typing import Any, Callable
 import torch
 
 from ..data import load_dataset
+from .analyze import final_positions
 from .claims import MARGIN, Claim, claims_table, measure
-from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig, make_config
-from .folder import atomic_write_json, load_checkpoint
+from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig
+from .folder import atomic_write_json
+from .report import analysis_links
 from .results import collect_runs
 from .sweep import PRESETS, expand_grid, run_sweep
 
@@ -155,7 +157,8 @@ def claims() -> list[Claim]:
     for d in (0.1, 0.02):
         out += _pruning(VGG, d)
     for d in (0.01, 0.002):
-        out.append(Claim("SynFlow avoids layer collapse (no layer cut to one weight or none)", SYNFLOW,
+        out.append(Claim("SynFlow avoids layer collapse (no layer cut to one weight or none)",
+                         SYNFLOW,
                          f"{NAMES['lenet300']}, density {d:g}", "collapse",
                          _sel(FASHION, method="synflow", density=d),
                          others=(_sel(FASHION, method="snip", density=d),
@@ -248,16 +251,13 @@ def with_active_counts(run: dict[str, Any]) -> dict[str, Any]:
     if "layer_active_counts" in summary or summary["method"] not in PRUNE_AT_INIT_METHODS:
         return summary
     try:
-        checkpoint = load_checkpoint(run["folder"], make_config(summary["config"]))
+        positions = final_positions(run)
     except ConfigError:
         return summary
-    positions = (checkpoint.get("sparsifier") or {}).get("positions") or {}
     return {**summary, "layer_active_counts": {k: int(v.numel()) for k, v in positions.items()}}
 
 
 def _analysis_links(analysis: Path | None, where: Path) -> list[str]:
-    from .report import analysis_links
-
     links = analysis_links(analysis, where)
     if not links:
         return []

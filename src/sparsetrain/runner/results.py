@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, saved_setting
 from .folder import SUMMARY, find_run_folders, is_run_folder, read_metrics, read_summary
 from .comparison import compare_to_static, judged_by
 
@@ -140,7 +140,11 @@ def run_length(summary: dict[str, Any]) -> float:
     return float(length) if is_number(length) else 1.0
 
 
-_DEFAULTS = TrainConfig().to_dict()
+def _row_key(summary: dict[str, Any]) -> tuple:
+    """(kind, model, method, distribution, density, length): what a row of runs shares."""
+    return (run_kind(summary), *run_key(summary), run_length(summary))
+
+
 _ROW_KEYS = {"model", "method", "distribution", "density", "length", "seed"}
 
 
@@ -153,9 +157,9 @@ def run_variants(summaries: list[dict[str, Any]]) -> list[str]:
     configs = [s.get("config", {}) if isinstance(s.get("config"), dict) else {}
                for s in summaries]
     keys = sorted({k for c in configs for k in c} - _ROW_KEYS - set(TrainConfig.NON_SEMANTIC))
-    differ = [k for k in keys if len({repr(c.get(k, _DEFAULTS.get(k))) for c in configs}) > 1]
-    return [", ".join(f"{k} {c.get(k)}" for k in differ if c.get(k, _DEFAULTS.get(k))
-                      != _DEFAULTS.get(k)) for c in configs]
+    differ = [k for k in keys if len({repr(saved_setting(c, k)) for c in configs}) > 1]
+    return [", ".join(f"{k} {c.get(k)}" for k in differ
+                      if saved_setting(c, k) != saved_setting({}, k)) for c in configs]
 
 
 def variant_labels(runs: list[dict[str, Any]]) -> dict[Path, str]:
@@ -164,7 +168,7 @@ def variant_labels(runs: list[dict[str, Any]]) -> dict[Path, str]:
     for run in runs:
         if run["summary"] is not None:
             s = run["summary"]
-            groups[(run_kind(s), *run_key(s), run_length(s))].append(run)
+            groups[_row_key(s)].append(run)
     labels = {}
     for items in groups.values():
         for run, label in zip(items, run_variants([r["summary"] for r in items])):
@@ -216,7 +220,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for run in runs:
         s = run["summary"]
         if s is not None:
-            groups[(run_kind(s), *run_key(s), run_length(s), variants[run["folder"]])].append(s)
+            groups[(*_row_key(s), variants[run["folder"]])].append(s)
     rows = []
     for (kind, model, method, distribution, density, length, variant), items in groups.items():
 

@@ -31,8 +31,8 @@ from .config import (ConfigError, TrainConfig, make_config, normalise_key, read_
                      unknown_key_error)
 from .folder import is_finished
 
-__all__ = ["PRESETS", "SweepFailed", "SweepStopped", "expand_grid", "load_sweep_file",
-           "run_sweep"]
+__all__ = ["PRESETS", "SweepFailed", "SweepStopped", "expand_grid", "load_sweep_exclude",
+           "load_sweep_file", "read_sweep_file", "run_sweep"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The README's main job: 66 runs (3 seeds), 10-15 minutes on 2 CPU cores, setup included.
@@ -91,7 +91,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def load_sweep_file(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """``base`` and ``grid`` of a sweep file (``load_sweep_exclude`` reads its ``exclude``)."""
+    """``base`` and ``grid`` of a sweep file (``read_sweep_file`` gives its ``exclude`` too)."""
+    return read_sweep_file(path)[:2]
+
+
+def read_sweep_file(path: str | Path
+                    ) -> tuple[dict[str, Any], dict[str, list[Any]], list[dict[str, Any]]]:
+    """``base``, ``grid`` and ``exclude`` (empty when it has none, checked) of a sweep file."""
     path = Path(path)
     raw = read_yaml_file(path, "sweep file")
     if not isinstance(raw, Mapping) or set(raw) - {"base", "grid", "exclude"}:
@@ -103,18 +109,17 @@ def load_sweep_file(path: str | Path) -> tuple[dict[str, Any], dict[str, list[An
             raise ConfigError(f"sweep file {path}: {key!r} must be a mapping (setting: "
                               f"{'value' if key == 'base' else 'list of values'}), not a "
                               f"{type(part).__name__}")
-    return dict(parts["base"]), dict(parts["grid"])
-
-
-def load_sweep_exclude(path: str | Path) -> list[dict[str, Any]]:
-    """The ``exclude`` list of a sweep file (empty when it has none), checked."""
-    raw = read_yaml_file(Path(path), "sweep file")
-    exclude = (raw.get("exclude") or []) if isinstance(raw, Mapping) else []
+    exclude = raw.get("exclude") or []
     try:
         _exclusions(exclude)
     except ConfigError as exc:
         raise ConfigError(f"sweep file {path}: {exc}") from None
-    return list(exclude)
+    return dict(parts["base"]), dict(parts["grid"]), list(exclude)
+
+
+def load_sweep_exclude(path: str | Path) -> list[dict[str, Any]]:
+    """The ``exclude`` list of a sweep file (empty when it has none), checked."""
+    return read_sweep_file(path)[2]
 
 
 def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Any],
