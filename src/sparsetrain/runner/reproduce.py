@@ -21,8 +21,8 @@ import torch
 
 from ..data import load_dataset
 from .analyze import final_positions
-from .claims import MARGIN, Claim, claims_table, measure
-from .config import PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig
+from .claims import MARGIN, Claim, claims_table, matches, measure
+from .config import ConfigError, TrainConfig
 from .folder import atomic_write_json
 from .report import analysis_links
 from .results import collect_runs
@@ -245,10 +245,9 @@ def _studies_table() -> list[str]:
 
 def with_active_counts(run: dict[str, Any]) -> dict[str, Any]:
     """The run's summary, with ``layer_active_counts`` read from its checkpoint where the
-    summary lacks them (runs of pruning at initialisation trained before summaries had them;
-    the collapse claims count them)."""
+    summary lacks them (runs trained before summaries had them)."""
     summary = run["summary"]
-    if "layer_active_counts" in summary or summary["method"] not in PRUNE_AT_INIT_METHODS:
+    if "layer_active_counts" in summary:
         return summary
     try:
         positions = final_positions(run)
@@ -274,7 +273,9 @@ def write_results(out: Path, results: Path, command: str, *, analysis: Path | No
     """Measure every claim on the finished runs in ``out``; write the claims table to
     ``results`` (linking ``analysis``, where ``sparsetrain analyze`` wrote about the runs,
     when given). Returns the path and the count of each verdict."""
-    summaries = [with_active_counts(r) for r in collect_runs([out]) if r["summary"] is not None]
+    counted = [sel for c in claims() if c.kind == "collapse" for sel in (c.a, *c.others)]
+    summaries = [with_active_counts(r) if any(matches(r["summary"], sel) for sel in counted)
+                 else r["summary"] for r in collect_runs([out]) if r["summary"] is not None]
     measured = [measure(c, summaries) for c in claims()]
     counts: dict[str, int] = {}
     for m in measured:
