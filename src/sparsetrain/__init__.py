@@ -13,6 +13,7 @@ from .methods import (
     GMP,
     SET,
     SNFS,
+    SRigL,
     DynamicSparsifier,
     RigL,
     Sparsifier,
@@ -39,6 +40,7 @@ from .pruning import (
 )
 from .sparsity.distributions import DISTRIBUTIONS, densities_for_shapes, layer_densities
 from .sparsity.schedules import drop_fraction
+from .sparsity.structure import STRUCTURE_EXAMPLES
 from .sparsity.targets import find_targets, register_weight_layout
 
 __version__ = "0.1.0"
@@ -60,6 +62,8 @@ __all__ = [
     "RigL",
     "SET",
     "SNFS",
+    "SRigL",
+    "STRUCTURE_EXAMPLES",
     "Sparsifier",
     "Static",
     "available_backends",

@@ -39,6 +39,9 @@ HELP = {
               "synflow)",
     "density": "fraction of the sparsified weights kept, in (0, 1]",
     "distribution": "layer densities: uniform, er or erk",
+    "structure": "unstructured (default), N:M (e.g. 2:4: N active in every M inputs; density "
+                 "N/M), fan-in (the same count in every output unit) or block:RxC (e.g. "
+                 "block:4x4); csr runs block layers on block kernels",
     "width": "width multiplier of the model",
     "dense_layers": "parameter names or glob patterns kept dense",
     "sparsify_embeddings": "sparsify position embeddings too (kept dense by default)",

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsetrain as st
+from sparsetrain.sparsity.structure import fixed_count
 from tests.conftest import TinyCNN, schedule_kwargs
 
 WORLD_SIZE = 2
@@ -133,7 +134,9 @@ def _run_method(method: str, rank: int, seed: int, backend: str = "masked") -> d
         check(t)
     densities = st.layer_densities(TinyCNN(), DENSITY, "erk")  # names without "module."
     prefix = "" if backend == "csr" else "module."
-    budget = {n: round(densities[n[len(prefix):]] * sp.backend.numel(n)) for n in sp.masks}
+    budget = {n: fixed_count(sp.structure, sp.backend.shape(n),
+                             round(densities[n[len(prefix):]] * sp.backend.numel(n)))
+              for n in sp.masks}
     local_losses = [None] * WORLD_SIZE
     dist.all_gather_object(local_losses, losses)
     return {

@@ -242,7 +242,7 @@ def test_state_dict_holds_the_schedule():
                                          "fc1.weight": 0.1, "fc2.weight": 0.3},
         "total_steps": 30, "initial_density": 0.9, "start_step": 4, "end_step": 22,
         "frequency": 5, "dense_layers": [], "seed": 0, "backend": "masked",
-        "erk_power_scale": 1.0, "sparsify_embeddings": False,
+        "erk_power_scale": 1.0, "sparsify_embeddings": False, "structure": "unstructured",
     }
     _, _, other = build(end_step=25, initial_density=0.9)
     with pytest.warns(UserWarning, match="end_step"):

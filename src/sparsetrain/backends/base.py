@@ -14,7 +14,8 @@ run on:
   stored at ``positions`` (they are the saved ones);
 - ``blocks(name)``: the layer cut into row blocks (:class:`Block`) on which scores are computed:
   the dense weights and the dense gradient of a block of rows, without a dense tensor of the
-  whole layer where the storage is compact;
+  whole layer where the storage is compact; under a ``structure`` of R x C blocks, each row
+  block starts and ends at a multiple of R rows;
 - ``dense_gradient(name)``: the whole dense gradient of the last backward pass (capability
   ``"dense_gradient_every_step"``);
 - ``prepare_step(keep_gradient)``: whether the coming step's dense gradient feeds a topology
@@ -30,6 +31,10 @@ run on:
   and tests; the library never asks for them);
 - ``ever_active_count(name)`` and ``ever_active_positions(name)``: the positions active at some
   point since training began (``restore_ever_active`` loads them back).
+
+A backend is built as ``Backend(targets, active, optimizer, model=..., seed=...,
+structure=...)``: ``structure`` (a :class:`~sparsetrain.sparsity.structure.Structure`) is the
+one every active set keeps, from which a backend may pick a faster storage format.
 
 ``capabilities`` (a class attribute) lists what a backend can do beyond that; a method that
 ``requires`` more is refused with a clear error before anything is converted:
@@ -87,17 +92,23 @@ class Block:
         return torch.arange(self.lo, self.hi, dtype=torch.int64, device=device)
 
 
-def row_blocks(shape: tuple[int, ...], elements: int = BLOCK_ELEMENTS):
+def row_blocks(shape: tuple[int, ...], elements: int = BLOCK_ELEMENTS, multiple: int = 1):
     """``(rows, lo, hi, block_shape)`` for consecutive row blocks of a weight of ``shape`` with
-    at most ``elements`` entries each (at least one row)."""
+    at most ``elements`` entries each (at least ``multiple`` rows), each starting at a multiple
+    of ``multiple`` rows."""
     rows = int(shape[0]) if shape else 1
     per_row = 1
     for s in shape[1:]:
         per_row *= int(s)
-    step = max(1, elements // max(1, per_row))
+    step = max(multiple, elements // max(1, per_row) // multiple * multiple)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         yield slice(r0, r1), r0 * per_row, r1 * per_row, (r1 - r0, *shape[1:])
+
+
+def row_multiple(structure) -> int:
+    """The rows a row block must be a multiple of under ``structure`` (R for R x C blocks)."""
+    return structure.rows if structure is not None and structure.kind == "block" else 1
 
 
 def unavailable(name: str) -> Callable[[], torch.Tensor]:

@@ -28,7 +28,7 @@ from torch import nn
 from .. import collectives
 from ..sparsity.positions import union_sorted
 from ..sparsity.targets import Target
-from .base import BLOCK_ELEMENTS, Block, row_blocks, unavailable
+from .base import BLOCK_ELEMENTS, Block, row_blocks, row_multiple, unavailable
 from .conversion import csr_eligibility
 from .csr import CSRLinear, _default_init
 from .csr_ops import DTYPES as CSR_DTYPES
@@ -46,7 +46,8 @@ class CSRBackend:
     capabilities = frozenset()
 
     def __init__(self, targets: Iterable[Target], active: Mapping[str, torch.Tensor],
-                 optimizer: torch.optim.Optimizer, *, model: nn.Module, seed: int = 0):
+                 optimizer: torch.optim.Optimizer, *, model: nn.Module, seed: int = 0,
+                 structure=None):
         """``active`` name -> sorted flat positions for every target; ``model`` is converted
         in place."""
         targets = list(targets)
@@ -73,8 +74,9 @@ class CSRBackend:
                              f"weights, not {', '.join(wrong)}; convert the model to one of "
                              "them before building the sparsifier, or use backend='masked'")
         others = [t for t in targets if t.name not in where]
+        self._rows_multiple = row_multiple(structure)
         self.masked = MaskedBackend(others, {t.name: active[t.name] for t in others}, optimizer,
-                                    layer_index=self.layer_index)
+                                    layer_index=self.layer_index, structure=structure)
         self.layers: dict[str, CSRLinear] = {}
         self._ever: dict[str, torch.Tensor] = {}
         self._saved: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
@@ -240,7 +242,8 @@ class CSRBackend:
             x, g_t = saved
             return torch.mm(g_t[rows], x, out=out)
 
-        for rows, lo, hi, shape in row_blocks(self._shapes[name], elements):
+        for rows, lo, hi, shape in row_blocks(self._shapes[name], elements,
+                                              self._rows_multiple):
             yield Block(name, self.layer_index[name], rows, lo, hi, shape,
                         lambda rows=rows: layer.dense_rows(rows.start, rows.stop),
                         lambda rows=rows, shape=shape: gradient_rows(rows, shape))

@@ -19,7 +19,8 @@ import torch
 from ..kernels import compiled_kernels
 from ..sparsity.positions import mask_of, positions_of
 from ..sparsity.targets import Target
-from .base import DENSE_GRADIENT_EVERY_STEP, VARIABLE_COUNT, Block, row_blocks, unavailable
+from .base import (DENSE_GRADIENT_EVERY_STEP, VARIABLE_COUNT, Block, row_blocks, row_multiple,
+                   unavailable)
 
 #: Entries of a block of the dense gradient that a score reads at once (4 MB in float32: small
 #: enough that the C allocator reuses the scratch memory instead of mapping it anew).
@@ -59,11 +60,13 @@ class MaskedBackend:
 
     def __init__(self, targets: Iterable[Target], active: Mapping[str, torch.Tensor],
                  optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,
-                 seed: int = 0, layer_index: Mapping[str, int] | None = None):
+                 seed: int = 0, layer_index: Mapping[str, int] | None = None,
+                 structure=None):
         """``active`` name -> sorted flat positions for every target. ``model`` and ``seed``
         are not needed: the weights stay where they are. ``layer_index`` numbers the layers
         (their index in the sparsifier; by default their order in ``targets``)."""
         targets = list(targets)
+        self._rows_multiple = row_multiple(structure)
         meta = [t.name for t in targets if t.param.is_meta]
         if meta:
             raise ValueError(f"the weights {meta} are on the meta device; the masked backend "
@@ -200,7 +203,8 @@ class MaskedBackend:
                 return out.zero_()
             return out.copy_(grad[rows])
 
-        for rows, lo, hi, shape in row_blocks(tuple(param.shape), BLOCK_ELEMENTS):
+        for rows, lo, hi, shape in row_blocks(tuple(param.shape), BLOCK_ELEMENTS,
+                                              self._rows_multiple):
             yield Block(name, self.layer_index[name], rows, lo, hi, shape,
                         lambda rows=rows: param.detach()[rows],
                         lambda rows=rows, shape=shape: gradient_rows(rows, shape))

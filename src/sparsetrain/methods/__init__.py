@@ -6,9 +6,10 @@ from .gmp import GMP
 from .registry import (available_methods, get_method, make_sparsifier, register_method,
                        supported_pairs, training_flops_per_example)
 from .snfs import SNFS
+from .srigl import SRigL
 
 __all__ = [
-    "DynamicSparsifier", "GMP", "RigL", "SET", "SNFS", "Sparsifier", "Static",
+    "DynamicSparsifier", "GMP", "RigL", "SET", "SNFS", "SRigL", "Sparsifier", "Static",
     "available_methods", "get_method", "make_sparsifier", "register_method", "supported_pairs",
     "training_flops_per_example",
 ]

@@ -25,6 +25,7 @@ from ..sparsity.coverage import Coverage, check_coverage, coverage
 from ..sparsity.distributions import check_density, densities_for_shapes
 from ..sparsity.masks import initial_active, validate_masks
 from ..sparsity.permutation import RandomOrder
+from ..sparsity.structure import Structure, check_conforms, check_structure, parse_structure
 from ..sparsity.targets import Target, partition
 from . import loop
 
@@ -110,13 +111,19 @@ class Sparsifier:
     requires: frozenset[str] = frozenset()
     update_reads_gradient = False
     optimizer_step_on_update = True
+    empty_rows_allowed = False  # under fan-in, whether a row may hold no weight (ablation)
+    structures: frozenset[str] | None = None  # the structure kinds it runs under (None: all)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float,
                  total_steps: int, distribution: str | Mapping[str, float] = "erk",
                  dense_layers: Iterable[str] | str = (), masks: Mapping | None = None,
                  seed: int = 0, backend: str = "masked", erk_power_scale: float = 1.0,
-                 sparsify_embeddings: bool = False):
+                 sparsify_embeddings: bool = False, structure: str | Structure | None = None):
         self.density = check_density(density)
+        self.structure: Structure = parse_structure(structure)
+        if not self.supports_structure(self.structure.kind):
+            raise ValueError(f"{type(self).__name__} runs under structure "
+                             f"{' or '.join(sorted(self.structures))}, not {structure!r}")
         self.total_steps = checks.positive_int(total_steps, "total_steps")
         self.seed = checks.integer(seed, "seed")
         self.distribution = distribution
@@ -139,13 +146,17 @@ class Sparsifier:
                 f"{', '.join(missing)}, which that backend does not provide; use a backend "
                 f"that does ({', '.join(self.supported_backends())})")
         shapes = {t.name: tuple(t.shape) for t in sparse}
+        check_structure(self.structure, shapes, self.density)
         if masks is None:
             final = densities_for_shapes(shapes, self.density, distribution,
                                          erk_power_scale=self.erk_power_scale)
-            active = initial_active(sparse, self.initial_densities(final), self.seed)
+            active = initial_active(sparse, self.initial_densities(final), self.seed,
+                                    self.structure, self.fixed_budget)
         else:
             active = validate_masks(masks, shapes, self.density)
-        self.backend = backend_class(sparse, active, optimizer, model=model, seed=self.seed)
+            check_conforms(self.structure, shapes, active, "masks", self.empty_rows_allowed)
+        self.backend = backend_class(sparse, active, optimizer, model=model, seed=self.seed,
+                                     structure=self.structure)
         self._index = {name: i for i, name in enumerate(self.backend.names)}
         self.step_count = 0
         self._updating = False
@@ -159,8 +170,18 @@ class Sparsifier:
         """One line: how many weights are sparsified, on which backend, and which weight
         matrices stay dense and why (``dense_layers``, position embedding, unsupported module
         type; tied weights count once)."""
-        return (f"{type(self).__name__} ({self.backend.name} backend) "
+        structure = ("" if self.structure.kind == "unstructured" else
+                     f", structure {self.structure} (density {self.overall_density():.4f} as "
+                     "the structure rounds the layers)")
+        return (f"{type(self).__name__} ({self.backend.name} backend{structure}) "
                 + self.coverage.line(self.density))
+
+    @classmethod
+    def supports_structure(cls, structure: str | Structure) -> bool:
+        """Whether the method runs under ``structure`` (a kind or a value of ``structure=``)."""
+        kind = structure if structure in ("unstructured", "n:m", "fan-in", "block") else (
+            parse_structure(structure).kind)
+        return cls.structures is None or kind in cls.structures
 
     @classmethod
     def supported_backends(cls) -> list[str]:
@@ -219,7 +240,8 @@ class Sparsifier:
                 "total_steps": self.total_steps, "dense_layers": list(self.dense_layers),
                 "seed": self.seed, "backend": self.backend.name,
                 "erk_power_scale": self.erk_power_scale,
-                "sparsify_embeddings": self.sparsify_embeddings}
+                "sparsify_embeddings": self.sparsify_embeddings,
+                "structure": str(self.structure)}
 
     # --- the training step ----------------------------------------------------------------
     def step(self, closure=None, *, scaler=None):
@@ -483,6 +505,8 @@ class Sparsifier:
                     f"this sparsifier holds {expected} there at step {step}; build the "
                     "sparsifier with the saved run's settings (density, distribution, "
                     "schedule, masks)")
+        check_conforms(self.structure, shapes, active, "the state_dict's positions",
+                       self.empty_rows_allowed)
         ever = ({} if state.get("ever_active") is None
                 else validate_masks(state["ever_active"], shapes, None, "ever_active"))
         seed = state["config"].get("seed", self.seed)

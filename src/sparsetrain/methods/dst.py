@@ -78,7 +78,7 @@ class DynamicSparsifier(Sparsifier):
                  masks: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
                  backend: str = "masked", t_start: int = 0, erk_power_scale: float = 1.0,
                  allow_regrowth: bool = True, optimizer_step_on_update: bool | None = None,
-                 sparsify_embeddings: bool = False):
+                 sparsify_embeddings: bool = False, structure: str | None = None):
         self.delta_t = checks.positive_int(delta_t, "delta_t")
         self.alpha = checks.real_in_range(alpha, "alpha", 0.0, 1.0,
                                           meaning="the initial drop fraction")
@@ -94,7 +94,7 @@ class DynamicSparsifier(Sparsifier):
         super().__init__(model, optimizer, density=density, total_steps=total_steps,
                          distribution=distribution, dense_layers=dense_layers, masks=masks,
                          seed=seed, backend=backend, erk_power_scale=erk_power_scale,
-                         sparsify_embeddings=sparsify_embeddings)
+                         sparsify_embeddings=sparsify_embeddings, structure=structure)
 
     # --- the rules --------------------------------------------------------------------------
     def grow_scores(self, block: Block) -> torch.Tensor:

@@ -23,8 +23,10 @@ from ..backends.base import VARIABLE_COUNT
 from ..sparsity.distributions import check_density
 from ..sparsity.masks import active_count
 from ..sparsity.schedules import gradual_density, is_pruning_step
+from ..sparsity.structure import count_for, fixed_count
 from .base import Sparsifier
 from .registry import register_method
+from .structured import keep_within
 from .update import keep_largest, warn_not_finite
 
 
@@ -85,7 +87,8 @@ class GMP(Sparsifier):
                  backend: str = "masked", initial_density: float = 1.0,
                  start_step: int | None = None, end_step: int | None = None,
                  frequency: int | None = None, erk_power_scale: float = 1.0,
-                 delta_t: int | None = None, sparsify_embeddings: bool = False):
+                 delta_t: int | None = None, sparsify_embeddings: bool = False,
+                 structure: str | None = None):
         self.initial_density = check_density(initial_density, "initial_density")
         if check_density(density) > self.initial_density:
             raise ValueError(
@@ -111,7 +114,7 @@ class GMP(Sparsifier):
         super().__init__(model, optimizer, density=density, total_steps=total_steps,
                          distribution=distribution, dense_layers=dense_layers, seed=seed,
                          backend=backend, erk_power_scale=erk_power_scale,
-                         sparsify_embeddings=sparsify_embeddings)
+                         sparsify_embeddings=sparsify_embeddings, structure=structure)
 
     def initial_densities(self, final: Mapping[str, float]) -> Mapping[str, float]:
         self._final_density = dict(final)
@@ -121,9 +124,18 @@ class GMP(Sparsifier):
     def init_method_state(self) -> None:
         numel = {n: self.backend.numel(n) for n in self.backend.names}
         self._numels = numel
-        self._final_counts = {n: active_count(numel[n], d) for n, d in self._final_density.items()}
-        self._initial_counts = {n: active_count(numel[n], d)
+        self._final_counts = {n: self._rounded(n, active_count(numel[n], d), final=True)
+                              for n, d in self._final_density.items()}
+        self._initial_counts = {n: self._rounded(n, active_count(numel[n], d))
                                 for n, d in self._initial_density.items()}
+
+    def _rounded(self, name: str, count: int, final: bool = False) -> int:
+        """``count`` rounded to what the structure holds in ``name`` (N:M ends at exactly N
+        of every M; on the way it holds the same number, from M down, in every group)."""
+        if self.structure.kind == "unstructured":
+            return count
+        shape = self.backend.shape(name)
+        return (fixed_count if final else count_for)(self.structure, shape, count)
 
     # --- the schedule ---------------------------------------------------------------------
     def target_counts(self, t: int) -> dict[str, int]:
@@ -141,7 +153,7 @@ class GMP(Sparsifier):
         for name, final in self._final_density.items():
             density = gradual_density(t, initial=self._initial_density[name], final=final,
                                       start_step=self.start_step, end_step=self.end_step)
-            count = active_count(self._numels[name], density)
+            count = self._rounded(name, active_count(self._numels[name], density))
             counts[name] = min(max(count, self._final_counts[name]), self._initial_counts[name])
         return counts
 
@@ -186,7 +198,8 @@ class GMP(Sparsifier):
             n_keep = min(n_active, targets[name])
             if n_keep == n_active:
                 continue
-            kept = keep_largest(self, name, n_keep, t)
+            kept = (keep_largest(self, name, n_keep, t) if self.structure.kind == "unstructured"
+                    else keep_within(self, name, n_keep, t))
             if kept is None:
                 warn_not_finite(self, name, t)
                 continue

@@ -21,6 +21,8 @@ import torch
 from ..sparsity.permutation import DROP, GROW
 from ..sparsity.positions import merge_sorted
 from ..sparsity.selection import RunningTopK, comparable, first_free, order_keys, top_k
+from ..sparsity.groups import n_groups
+from .structured import drop_and_grow_blocks, refill_groups
 
 
 def descending_order(order_method: str) -> Callable:
@@ -115,12 +117,24 @@ def drop_and_grow(sparsifier, name: str, n_drop: int, t: int, *,
     n_drop = max(0, min(int(n_drop), n_active, numel - n_active))
     if n_drop == 0:
         return None
+    structure = sparsifier.structure
+    if structure.kind == "block":  # whole blocks dropped and grown on pooled scores
+        best, not_finite = drop_and_grow_blocks(sparsifier, name, n_drop, t, allow_regrowth)
+        if not_finite:
+            warn_not_finite(sparsifier, name, t)
+        return best
     kept = keep_largest(sparsifier, name, n_active - n_drop, t)
     grown = best = None
     if kept is not None:
-        closed = kept if allow_regrowth else backend.active_positions(name)
-        before = backend.active_positions(name) if sparsifier.update_reads_gradient else None
-        grown, best = grow_largest(sparsifier, name, n_drop, closed, t, before)
+        active = backend.active_positions(name)
+        closed = kept if allow_regrowth else active
+        if structure.kind == "unstructured":
+            before = active if sparsifier.update_reads_gradient else None
+            grown, best = grow_largest(sparsifier, name, n_drop, closed, t, before)
+        else:  # fan-in, N:M: every row or group grows back to its fixed count
+            quota = n_active // n_groups(structure, backend.shape(name))
+            grown, best = refill_groups(sparsifier, name, kept, quota, closed, active, t)
+            best = best if sparsifier.update_reads_gradient else None
     if grown is None:
         warn_not_finite(sparsifier, name, t)
         return None

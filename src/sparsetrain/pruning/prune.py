@@ -26,7 +26,7 @@ from ..sparsity.distributions import check_density, densities_for_shapes
 from ..sparsity.masks import active_count
 from ..sparsity.permutation import PRUNE, RandomOrder
 from ..sparsity.selection import order_keys, select_global, top_k_mask
-from ..sparsity.structure import (Structure, check_fits, count_for, parse_structure,
+from ..sparsity.structure import (Structure, check_fits, fixed_count, parse_structure,
                                   structured_top_k)
 from ..sparsity.targets import partition
 from .scores import LossFn, _batches, check_pruning_method, pruning_scores
@@ -142,7 +142,7 @@ def _within(s: Structure, masks: Mapping[str, torch.Tensor], scores: Mapping[str
     out = {}
     for i, t in enumerate(sparse):
         score = scores[t.name].to(torch.float64)
-        count = count_for(s, tuple(t.shape), int(masks[t.name].sum()))
+        count = fixed_count(s, tuple(t.shape), int(masks[t.name].sum()))
         keys = order_keys(RandomOrder(t.numel, PRUNE, seed, e, i))
         mask = torch.zeros(t.numel, dtype=torch.bool, device=score.device)
         mask[structured_top_k(s, score, count, keys)] = True

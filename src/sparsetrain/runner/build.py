@@ -188,8 +188,11 @@ def build_run(config: TrainConfig, dist: Distributed, log: Log,
 
 
 def _common_options(c: TrainConfig, total_steps: int) -> dict[str, Any]:
+    # a method's own default structure (SRigL: fan-in) unless one is given
+    structure = {} if c.structure == "unstructured" else {"structure": c.structure}
     return dict(density=c.density, total_steps=total_steps, dense_layers=list(c.dense_layers),
-                seed=c.seed, backend=c.backend, sparsify_embeddings=c.sparsify_embeddings)
+                seed=c.seed, backend=c.backend, sparsify_embeddings=c.sparsify_embeddings,
+                **structure)
 
 
 def saved_active_sets(state: Any) -> dict[str, torch.Tensor] | None:
@@ -311,7 +314,7 @@ def _pruned_masks(c: TrainConfig, model: nn.Module, data: Dataset, n_train: int,
             model, c.method, c.density, data=batches, scope=c.prune_scope,
             iterations=iterations, distribution=c.distribution if c.prune_scope == "layer"
             else None, dense_layers=list(c.dense_layers), seed=c.seed,
-            sparsify_embeddings=c.sparsify_embeddings,
+            sparsify_embeddings=c.sparsify_embeddings, structure=c.structure,
             loss_fn=_flat_cross_entropy, **options)
     log(f"{c.method}: pruned at initialisation to density {c.density} "
         f"({iterations} round(s), {time.perf_counter() - start:.1f} s)")

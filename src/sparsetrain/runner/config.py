@@ -24,6 +24,7 @@ import yaml
 
 from .. import checks
 from ..sparsity.distributions import DISTRIBUTIONS, check_erk_power_scale
+from ..sparsity.structure import parse_structure
 from ..pruning.ablations import ABLATIONS
 from ..sparsity.schedules import DROP_FRACTION_DECAYS
 
@@ -57,6 +58,7 @@ class TrainConfig:
     method: str = "rigl"
     density: float = 0.1
     distribution: str = "erk"
+    structure: str = "unstructured"
     width: float = 1.0
     dense_layers: list[str] = field(default_factory=list)
     sparsify_embeddings: bool = False
@@ -366,6 +368,10 @@ def check(config: TrainConfig) -> None:
     with _as_config_error():
         checks.fraction(c.density, "density", meaning="the fraction of weights kept")
         checks.choice(c.distribution, "distribution", DISTRIBUTIONS)
+        structure = parse_structure(c.structure)
+        _require(structure.kind == "unstructured" or c.method not in ("dense", "small-dense"),
+                 f"structure {c.structure!r} constrains the sparse weights of a sparse method; "
+                 f"method {c.method!r} has none: leave --structure out")
         checks.real_in_range(c.width, "width", 0.0, MAX_WIDTH, low_open=True,
                              fix=f"width multiplies every hidden layer; 1 is the model's own "
                              f"size, and wider than {MAX_WIDTH:g} is too large to build")

@@ -10,6 +10,7 @@ import torch
 
 from .permutation import INIT, RandomOrder
 from .positions import check_positions, positions_of
+from .structure import Structure, count_for, fixed_count, structured_top_k
 from .targets import Target
 
 
@@ -31,12 +32,34 @@ def initial_positions(numel: int, count: int, seed: int, layer: int,
     return RandomOrder(numel, seed, INIT, layer).first(count, device=device)
 
 
-def initial_active(targets: Sequence[Target], densities: Mapping[str, float],
-                   seed: int) -> dict[str, torch.Tensor]:
-    """Per layer exactly ``active_count(N_l, d_l)`` positions drawn uniformly at random."""
-    return {t.name: initial_positions(t.numel, active_count(t.numel, densities[t.name]), seed,
-                                      i, device=t.param.device if not t.param.is_meta else None)
-            for i, t in enumerate(targets)}
+def structured_initial_positions(structure: Structure, shape: tuple[int, ...], count: int,
+                                 seed: int, layer: int, device=None) -> torch.Tensor:
+    """The random initial active set of layer ``layer`` within ``structure``: ``count`` (which
+    the structure must hold) positions, uniformly random among the sets it allows (every group
+    or block equally likely; the same random order as the unstructured draw)."""
+    numel = math.prod(shape)
+    order = RandomOrder(numel, seed, INIT, layer)
+    scores = -order.rank(torch.arange(numel, device=device)).to(torch.float64)
+    return structured_top_k(structure, scores.view(shape), count, order.rank)
+
+
+def initial_active(targets: Sequence[Target], densities: Mapping[str, float], seed: int,
+                   structure: Structure | None = None,
+                   fixed: bool = True) -> dict[str, torch.Tensor]:
+    """Per layer exactly ``active_count(N_l, d_l)`` positions drawn uniformly at random; within
+    ``structure``, the count it holds nearest that (``fixed_count`` for a fixed budget, else
+    ``count_for``), at random within the structure."""
+    result = {}
+    for i, t in enumerate(targets):
+        count = active_count(t.numel, densities[t.name])
+        device = t.param.device if not t.param.is_meta else None
+        if structure is None or structure.kind == "unstructured":
+            result[t.name] = initial_positions(t.numel, count, seed, i, device=device)
+        else:
+            count = (fixed_count if fixed else count_for)(structure, tuple(t.shape), count)
+            result[t.name] = structured_initial_positions(structure, tuple(t.shape), count,
+                                                          seed, i, device)
+    return result
 
 
 #: The dtypes a mask may have (bool, or numbers that are 0 or 1).

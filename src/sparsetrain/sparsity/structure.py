@@ -25,11 +25,19 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
+from .groups import conformity_error, matrix_positions, matrix_shape, top_per_group
 from .selection import Keys, comparable, top_k
 
+__all__ = ["FORMS", "STRUCTURE_EXAMPLES", "Structure", "check_conforms", "check_fits", "check_structure", "count_for", "fixed_count", "matrix_positions", "matrix_shape",
+           "parse_structure", "structured_top_k"]
+
+#: One example of every kind of structure (kind -> value for ``structure=``).
+STRUCTURE_EXAMPLES = {"unstructured": "unstructured", "n:m": "2:4", "fan-in": "fan-in",
+                      "block": "block:4x4"}
 FORMS = '"unstructured", "N:M" (e.g. "2:4"), "fan-in", or "block:RxC" (e.g. "block:4x4")'
 
 
@@ -76,23 +84,6 @@ def parse_structure(text: str | Structure | None) -> Structure:
     raise ValueError(f"unknown structure {text!r}; use {FORMS}")
 
 
-def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(rows, cols) of the matrix view of a weight of ``shape``."""
-    if len(shape) < 2:
-        raise ValueError(f"a structure needs a weight of 2 or more dimensions, not {shape}")
-    return int(shape[0]), math.prod(int(s) for s in shape[1:])
-
-
-def matrix_positions(shape: tuple[int, ...], device=None) -> torch.Tensor:
-    """``(rows, cols)`` int64: the weight's flat position of every entry of its matrix view
-    (for a convolution, column ``p * in + c`` is input channel ``c`` at kernel position
-    ``p``)."""
-    flat = torch.arange(math.prod(shape), device=device).view(shape)
-    if len(shape) > 2:
-        flat = flat.flatten(2).transpose(1, 2)  # (out, kh*kw, in)
-    return flat.reshape(matrix_shape(tuple(shape)))
-
-
 def _channels(shape: tuple[int, ...]) -> int:
     return int(shape[1])
 
@@ -131,16 +122,48 @@ def check_fits(structure: Structure, shape: tuple[int, ...], name: str = "weight
                              + (", ".join(f"block:{f}" for f in fits) or "none"))
 
 
+def check_structure(structure: Structure, shapes: Mapping[str, tuple[int, ...]],
+                    density: float | None) -> None:
+    """``ValueError`` naming the first weight of ``shapes`` (name -> shape) that ``structure``
+    cannot lay out (at ``density``, for N:M), with what would fit."""
+    if structure.kind == "unstructured":
+        return
+    for name, shape in shapes.items():
+        try:
+            check_fits(structure, tuple(shape), name,
+                       density if structure.kind == "n:m" else None)
+        except ValueError as error:
+            if "keeps density" in str(error):
+                raise
+            raise ValueError(f"{error}; or keep {name} dense (dense_layers=[{name!r}], "
+                             f"--dense-layers {name})") from None
+
+
+def check_conforms(structure: Structure, shapes: Mapping[str, tuple[int, ...]],
+                   active: Mapping[str, torch.Tensor], what: str,
+                   allow_empty: bool = False) -> None:
+    """``ValueError`` when an active set of ``active`` (name -> sorted positions) breaks
+    ``structure`` (empty groups aside, with ``allow_empty``)."""
+    for name, positions in active.items():
+        error = conformity_error(structure, tuple(shapes[name]), positions, name, allow_empty)
+        if error:
+            raise ValueError(f"{what}: {error}; give active sets within the structure, or "
+                             "build the sparsifier without structure=")
+
+
 def count_for(structure: Structure, shape: tuple[int, ...], count: int) -> int:
     """The number of active weights nearest ``count`` that ``structure`` can lay out in a
-    weight of ``shape``: N/M of it for N:M, a multiple of the rows (at least one per row) for
+    weight of ``shape``: the same number in every group of M for N:M, from N up to M (N/M of
+    the weights for a count at or below that: a sparse-from-dense schedule passes through
+    denser N':M patterns on its way to N:M), a multiple of the rows (at least one per row) for
     fan-in, a whole number of blocks (at least one) for blocks."""
     rows, cols = matrix_shape(tuple(shape))
     n = rows * cols
     count = max(0, min(int(count), n))
     s = structure
     if s.kind == "n:m":
-        return n // s.m * s.n
+        groups = n // s.m
+        return groups * min(s.m, max(s.n, round(count / groups)))
     if s.kind == "fan-in":
         return rows * min(cols, max(1, round(count / rows)))
     if s.kind == "block":
@@ -149,28 +172,12 @@ def count_for(structure: Structure, shape: tuple[int, ...], count: int) -> int:
     return count
 
 
-def _top_per_row(scores: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean (rows, cols): the ``k`` largest of each row of ``scores``, ties by the lower
-    of ``keys`` (distinct). O(n): a k-th value per row, and a sort of the tied entries only."""
-    rows, cols = scores.shape
-    if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if k >= cols:
-        return torch.ones_like(scores, dtype=torch.bool)
-    kth = torch.kthvalue(scores, cols - k + 1, dim=1, keepdim=True).values
-    chosen = scores > kth
-    need = k - chosen.sum(1)
-    tied = (scores == kth).nonzero()
-    if tied.numel():
-        r, c = tied[:, 0], tied[:, 1]
-        # among a row's tied entries, the lower keys first: sort the tied entries by (row, key)
-        order = torch.argsort(r * (int(keys.max()) + 1) + keys[r, c])
-        r, c = r[order], c[order]
-        first = torch.searchsorted(r, torch.arange(rows, device=r.device))
-        rank = torch.arange(r.numel(), device=r.device) - first[r]
-        take = rank < need[r]
-        chosen[r[take], c[take]] = True
-    return chosen
+def fixed_count(structure: Structure, shape: tuple[int, ...], count: int) -> int:
+    """The number of active weights a layer of a fixed budget holds under ``structure``, for
+    the unstructured ``count``: exactly N/M of the weights for N:M, else ``count_for``."""
+    if structure.kind == "n:m":
+        return math.prod(int(d) for d in shape) // structure.m * structure.n
+    return count_for(structure, shape, count)
 
 
 def structured_top_k(structure: Structure, scores: torch.Tensor, count: int,
@@ -191,9 +198,10 @@ def structured_top_k(structure: Structure, scores: torch.Tensor, count: int,
     rows, cols = where.shape
     if s.kind in ("n:m", "fan-in"):
         width = s.m if s.kind == "n:m" else cols
-        k = s.n if s.kind == "n:m" else count // rows
-        chosen = _top_per_row(values.reshape(-1, width),
-                              keys(where.reshape(-1)).view(-1, width), k)
+        groups = rows * cols // width
+        need = torch.full((groups,), count // groups, dtype=torch.int64)
+        at = where.reshape(-1, width)
+        chosen = top_per_group(values.reshape(-1, width), need, lambda r, c: keys(at[r, c]))
         picked = where.reshape(-1)[chosen.reshape(-1)]
     else:  # blocks: pooled scores, unstructured top-k over blocks
         r, c = s.rows, s.cols

@@ -1,0 +1,211 @@
+"""Drop, grow and prune within a structure (N:M, fan-in, blocks), for every method.
+
+The methods' rules (drop scores, grow scores) are unchanged; a structure only constrains which
+sets the selection may return (:mod:`sparsetrain.sparsity.structure`):
+
+- blocks: drop and grow scores are pooled over each block (the sum over its entries); the
+  ``floor(n_drop / (R*C))`` active blocks with the lowest pooled drop score are dropped and as
+  many inactive blocks with the highest pooled grow score are grown, whole;
+- fan-in and N:M: the ``n_drop`` weakest active weights of the layer are dropped as without a
+  structure, then every row (fan-in) or group of M (N:M) grows back to its fixed count from its
+  own free positions, by grow score (SRigL's rule, Lasby et al. 2024: prune by magnitude over the
+  layer, regrow per neuron to the constant fan-in).
+
+Grow scores are computed on the backend's row blocks, which start and end at block rows, so that
+no dense tensor of a compact layer's size is built. Ties fall by the seeded random order of the
+positions (of the blocks, for blocks), as everywhere else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..sparsity.groups import (group_of, group_positions, group_width, matrix_positions,
+                               n_groups, top_per_group)
+from ..sparsity.permutation import DROP, GROW, RandomOrder
+from ..sparsity.positions import merge_sorted
+from ..sparsity.selection import RunningTopK, comparable, first_free, top_k
+from ..sparsity.structure import Structure
+
+
+def _check_scores(sparsifier, name: str, scores: torch.Tensor, count: int) -> bool:
+    if scores.numel() != count:
+        raise ValueError(f"{type(sparsifier).__name__}.drop_scores({name!r}) must give one score "
+                         f"per active weight ({count}), got {scores.numel()}")
+    return _finite(scores)
+
+
+def _finite(scores: torch.Tensor) -> bool:
+    if scores.numel() == 0 or not scores.is_floating_point():
+        return True
+    low, high = torch.aminmax(scores)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _block_order(sparsifier, name: str, purpose: int, t: int) -> RandomOrder:
+    s, shape = sparsifier.structure, sparsifier.backend.shape(name)
+    return RandomOrder(n_groups(s, shape), sparsifier.seed, purpose, t, sparsifier._index[name])
+
+
+def _grow_scores(sparsifier, block) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The block's grow scores as float64 in its matrix view ``(rows, cols)`` and the flat
+    positions of those entries, or None where a score is not finite."""
+    scores = sparsifier.grow_scores(block)
+    if scores.numel() != block.hi - block.lo:
+        raise ValueError(f"{type(sparsifier).__name__}.grow_scores must give a score of the "
+                         f"block's shape {tuple(block.shape)}, got {tuple(scores.shape)}")
+    flat = comparable(scores)
+    if not _finite(flat):
+        return None
+    where = matrix_positions(tuple(block.shape), flat.device)
+    return flat[where.reshape(-1)].view(where.shape).to(torch.float64), where + block.lo
+
+
+# --- blocks -----------------------------------------------------------------------------------
+def keep_blocks(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | None:
+    """The active positions of the ``n_keep // (R*C)`` active blocks of ``name`` with the largest
+    pooled drop score (sorted), or None if a score is not finite."""
+    s, backend = sparsifier.structure, sparsifier.backend
+    shape = backend.shape(name)
+    active = backend.active_positions(name)
+    scores = sparsifier.drop_scores(name)
+    if not _check_scores(sparsifier, name, scores, active.numel()):
+        return None
+    gid = group_of(s, shape, active)
+    pooled = torch.zeros(n_groups(s, shape), dtype=torch.float64, device=active.device)
+    pooled.index_add_(0, gid, scores.to(device=active.device, dtype=torch.float64))
+    present = torch.zeros(pooled.numel(), dtype=torch.bool, device=active.device)
+    present[gid] = True
+    blocks = present.nonzero().squeeze(1)
+    order = _block_order(sparsifier, name, DROP, t)
+    best = blocks[top_k(pooled[blocks], n_keep // (s.rows * s.cols),
+                        lambda i: order.rank(blocks[i]))]
+    kept = torch.zeros_like(present)
+    kept[best] = True
+    return active[kept[gid]]
+
+
+def _grow_blocks(sparsifier, name: str, k: int, closed: torch.Tensor, before: torch.Tensor,
+                 t: int) -> tuple[torch.Tensor | None, float | None]:
+    """The ``k`` blocks outside the sorted block ids ``closed`` with the largest pooled grow
+    score, and the largest pooled score of a block outside ``before`` (None for a random
+    order)."""
+    s, backend = sparsifier.structure, sparsifier.backend
+    order = _block_order(sparsifier, name, GROW, t)
+    if getattr(type(sparsifier).grow_scores, "descending_order", None) is not None:
+        return first_free(order, k, closed), None
+    running = RunningTopK(k, order.rank)
+    cols = math.prod(backend.shape(name)[1:])
+    per_block_row = cols // s.cols
+    best = -math.inf
+    for block in backend.blocks(name):
+        got = _grow_scores(sparsifier, block)
+        if got is None:
+            return None, None
+        values, _ = got
+        rows = values.shape[0]
+        pooled = values.reshape(rows // s.rows, s.rows, per_block_row, s.cols).sum((1, 3))
+        pooled = pooled.reshape(-1).contiguous()
+        lo = block.rows.start // s.rows * per_block_row
+        hi = lo + pooled.numel()
+        a, b = torch.searchsorted(before, torch.tensor([lo, hi])).tolist()
+        outside = torch.ones(pooled.numel(), dtype=torch.bool)
+        outside[before[a:b] - lo] = False
+        if bool(outside.any()):
+            best = max(best, float(pooled[outside].max()))
+        a, b = torch.searchsorted(closed, torch.tensor([lo, hi])).tolist()
+        running.offer(pooled, lo, closed[a:b] - lo)
+    return running.result(), best
+
+
+def drop_and_grow_blocks(sparsifier, name: str, n_drop: int, t: int,
+                         allow_regrowth: bool) -> tuple[float | None, bool]:
+    """Replace the ``n_drop // (R*C)`` weakest active blocks of ``name`` by as many grown ones;
+    returns ``(the largest pooled grow score outside the old active blocks, or None; whether
+    a score was not finite)``."""
+    s, backend = sparsifier.structure, sparsifier.backend
+    shape, size = backend.shape(name), s.rows * s.cols
+    active = backend.active_positions(name)
+    n_blocks = active.numel() // size
+    n_drop = min(n_drop // size, n_blocks, n_groups(s, shape) - n_blocks)
+    if n_drop <= 0:
+        return None, False
+    kept = keep_blocks(sparsifier, name, (n_blocks - n_drop) * size, t)
+    if kept is None:
+        return None, True
+    before = torch.unique_consecutive(torch.sort(group_of(s, shape, active)).values)
+    kept_blocks = torch.unique_consecutive(torch.sort(group_of(s, shape, kept)).values)
+    grown, best = _grow_blocks(sparsifier, name, n_drop,
+                               kept_blocks if allow_regrowth else before, before, t)
+    if grown is None:
+        return None, True
+    positions = group_positions(s, shape, grown.to(kept.device))
+    backend.set_active(name, merge_sorted(kept, positions)[0])
+    return (best if sparsifier.update_reads_gradient else None), False
+
+
+# --- fan-in and N:M ---------------------------------------------------------------------------
+def refill_groups(sparsifier, name: str, kept: torch.Tensor, quota: int, closed: torch.Tensor,
+                  before: torch.Tensor, t: int, ablated: torch.Tensor | None = None):
+    """Positions to grow so that every group of ``name`` holds ``quota`` active weights (0 for
+    the rows in ``ablated``, a bool per row): each group's best by grow score outside the sorted
+    ``closed`` (positions dropped but closed come last), ties by the random order. Returns
+    ``(grown, best)`` (best: the largest score outside the sorted ``before``), or ``(None,
+    None)`` where a score is not finite."""
+    s, backend = sparsifier.structure, sparsifier.backend
+    shape = backend.shape(name)
+    width = group_width(s, shape)
+    need = quota - torch.bincount(group_of(s, shape, kept), minlength=n_groups(s, shape))
+    if ablated is not None:
+        per_row = math.prod(shape[1:]) // width
+        need[ablated.repeat_interleave(per_row)] = 0
+    order = sparsifier.order(name, GROW, t)
+    parts, best = [], -math.inf
+    lowest = -torch.finfo(torch.float64).max
+    for block in backend.blocks(name):
+        got = _grow_scores(sparsifier, block)
+        if got is None:
+            return None, None
+        values, where = got
+        g0 = block.lo // width
+        groups = values.numel() // width
+        flat_mark = torch.zeros(block.hi - block.lo, dtype=torch.int8)
+        for positions, mark in ((before, 1), (closed, 2), (kept, 3)):
+            a, b = torch.searchsorted(positions, torch.tensor([block.lo, block.hi])).tolist()
+            flat_mark[positions[a:b] - block.lo] = mark
+        marks = flat_mark[(where - block.lo).reshape(-1)].view(-1, width)
+        values = values.view(-1, width)
+        free = marks == 0
+        if bool(free.any()):
+            best = max(best, float(values[free].max()))
+        values = values.masked_fill(marks == 2, lowest).masked_fill(marks == 3, -math.inf)
+        at = where.view(-1, width)
+        chosen = top_per_group(values, need[g0:g0 + groups],
+                               lambda r, c: order.rank(at[r, c]))
+        parts.append(at[chosen])
+    grown = torch.sort(torch.cat(parts)).values if parts else kept.new_empty(0)
+    return grown, best
+
+
+def keep_within(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | None:
+    """The ``n_keep`` active positions of ``name`` with the largest drop scores that the
+    structure allows (whole blocks; the same number in every row or group), sorted; None if
+    a score is not finite. ``n_keep`` must be a count the structure holds."""
+    s, backend = sparsifier.structure, sparsifier.backend
+    if s.kind == "block":
+        return keep_blocks(sparsifier, name, n_keep, t)
+    shape = backend.shape(name)
+    active = backend.active_positions(name)
+    scores = sparsifier.drop_scores(name)
+    if not _check_scores(sparsifier, name, scores, active.numel()):
+        return None
+    groups = n_groups(s, shape)
+    by_group = torch.sort(group_of(s, shape, active), stable=True).indices  # active set only
+    at = active[by_group].view(groups, -1)
+    values = comparable(scores).to(torch.float64)[by_group.to(scores.device)].view(groups, -1)
+    order = sparsifier.order(name, DROP, t)
+    need = torch.full((groups,), n_keep // groups, dtype=torch.int64)
+    chosen = top_per_group(values, need, lambda r, c: order.rank(at[r, c]))
+    return torch.sort(at[chosen]).values
