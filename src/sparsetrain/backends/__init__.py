@@ -4,6 +4,7 @@ Every backend implements the protocol of :mod:`.base`; the methods reach sparse 
 through it.
 """
 
+from . import semi_structured
 from .base import Block, GradientUnavailable
 from .conversion import dense_state_dict, to_csr, to_masked
 from .csr import CSRLinear

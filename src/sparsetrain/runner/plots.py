@@ -76,6 +76,16 @@ def make_plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]],
             _plot_curves(kind_runs, m, out_dir / curves),
         ]
         made += [(f, c) for f, c, ok in zip(m.files, _captions(m, kind), written) if ok]
+    for kind, m in MEASURES.items():
+        kind_rows = [r for r in rows if r["kind"] == kind]
+        name = f"{m.row}_vs_wall_time.png"
+        if len({r.get("variant") for r in kind_rows}) > 1 and _plot_measure_vs(
+                kind_rows, m, "epoch_seconds", out_dir / name,
+                "wall-clock seconds per training epoch",
+                f"{m.name} against training time"):
+            made.append((name, f"{m.label.capitalize()} against the measured wall-clock time "
+                         "of a training epoch (what a structure or backend buys and costs); "
+                         "error bars as above."))
     if _plot_layer_densities(runs, out_dir / "layer_densities.png"):
         made.append(("layer_densities.png", LAYERS_CAPTION))
     if _plot_ever_active(runs, out_dir / "ever_active.png"):

@@ -53,7 +53,9 @@ _FIRST: list[Column] = [("model", lambda r: r["model"]), ("method", method_label
                         ("distribution", lambda r: r["distribution"]),
                         ("density", lambda r: f"{r['density']:.3g}")]
 _FLOPS: list[Column] = [("train FLOPs vs dense", lambda r: _ratio(r["train_flops"])),
-                        ("inference FLOPs vs dense", lambda r: _ratio(r["inference_flops"]))]
+                        ("inference FLOPs vs dense", lambda r: _ratio(r["inference_flops"])),
+                        ("s/epoch", lambda r: "-" if r.get("epoch_seconds") is None
+                         else f"{r['epoch_seconds']:.2f}")]
 #: The columns of the table of each kind of data (the first three are text, left-aligned).
 TABLES: dict[str, list[Column]] = {
     "classification": _FIRST + [("accuracy (mean ± std, n)", _spread("accuracy", "std")),

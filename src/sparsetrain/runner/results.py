@@ -199,6 +199,14 @@ def run_labels(runs: list[dict[str, Any]], *, with_model: bool = True) -> dict[P
     return labels
 
 
+def epoch_seconds(summary: dict[str, Any]) -> float | None:
+    """A run's wall-clock seconds per training epoch (its evaluations included), or None."""
+    config = summary.get("config", {}) if isinstance(summary.get("config"), dict) else {}
+    epochs = round(run_length(summary) * float(config.get("epochs") or 0))
+    wall = summary.get("wall_time_s")
+    return wall / epochs if is_number(wall) and epochs > 0 else None
+
+
 def _by_seed(items: list[dict[str, Any]], key: str) -> dict[int, float] | None:
     """seed -> value of the runs of one row; ``None`` if a seed occurs twice (runs that differ
     in a setting the row does not show cannot be paired)."""
@@ -231,6 +239,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
         accuracy, std = spread("test_accuracy")
+        seconds = [t for t in map(epoch_seconds, items) if t is not None]
         loss, loss_std = spread("test_loss")
         rows.append({
             "kind": kind, "model": model, "method": method, "distribution": distribution,
@@ -239,6 +248,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "n": len(items), "accuracy": accuracy, "std": std, "loss": loss,
             "loss_std": loss_std, "train_flops": spread("train_flops_vs_dense")[0],
             "inference_flops": spread("inference_flops_vs_dense")[0],
+            "epoch_seconds": statistics.fmean(seconds) if seconds else None,
             "seeds": _by_seed(items, judged_by(kind)[0]), "vs_static": None,
         })
     compare_to_static(rows)
