@@ -136,3 +136,25 @@ def test_select_global_keeps_every_layer_connected():
     tied = {"a": torch.zeros(50), "b": torch.zeros(50)}
     a, b = select_global(tied, 50, 1), select_global(tied, 50, 1)
     assert torch.equal(a["a"], b["a"]) and 10 < int(a["a"].sum()) < 40  # random, reproducible
+
+
+def test_running_top_k_with_a_guessed_bound_is_exact_or_says_it_is_not():
+    g = torch.Generator().manual_seed(0)
+    n = 600_000
+    keys = RandomOrder(2 * n, 5).rank
+    even = [torch.rand(n, generator=g, dtype=torch.float64) for _ in range(2)]
+    # a first block far above the second: the bound guessed from it is too high
+    skewed = [torch.rand(n, generator=g, dtype=torch.float64) + 10, even[1]]
+    for blocks, k, holds in ((even, 50_000, True), (skewed, 500_000, False)):
+        expected = top_k(torch.cat(blocks), k, keys)
+        running = RunningTopK(k, keys, total=2 * n)
+        for i, block in enumerate(blocks):
+            running.offer(block, i * n, torch.empty(0, dtype=torch.int64))
+        assert running.complete() == holds
+        if holds:
+            assert running.guess > -math.inf  # the guess was used
+            assert torch.equal(running.result(), expected)
+        plain = RunningTopK(k, keys)
+        for i, block in enumerate(blocks):
+            plain.offer(block, i * n, torch.empty(0, dtype=torch.int64))
+        assert plain.complete() and torch.equal(plain.result(), expected)

@@ -272,4 +272,6 @@ class CSRBackend:
         keep = positions[where] == old
         remap_state(self.optimizer, layer.values, keep.nonzero().squeeze(1), where[keep])
         layer.set_positions(positions)
-        self._ever[name] = union_sorted(self._ever[name], positions)
+        new = torch.ones(positions.numel(), dtype=torch.bool, device=positions.device)
+        new[where[keep]] = False  # only positions not active before can be new to ever-active
+        self._ever[name] = union_sorted(self._ever[name], positions[new])

@@ -12,14 +12,13 @@ is the same selection at O(n_drop) cost.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable
 
 import torch
 
 from ..sparsity.permutation import DROP, GROW
-from ..sparsity.positions import merge_sorted
+from ..sparsity.positions import contains, merge_sorted
 from ..sparsity.selection import RunningTopK, comparable, first_free, order_keys, top_k
 from ..sparsity.groups import n_groups
 from .structured import drop_and_grow_blocks, refill_groups
@@ -64,46 +63,45 @@ def keep_largest(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | N
     return active[top_k(scores, n_keep, keys)]
 
 
-def _largest_outside(scores: torch.Tensor, lo: int, positions: torch.Tensor) -> float:
-    """The largest of the 1-D ``scores`` of positions ``lo, lo + 1, ...`` that are not in the
-    sorted ``positions`` (``-inf`` if every one is)."""
-    outside = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    outside[(positions - lo).to(scores.device)] = False
-    if not bool(outside.any()):
-        return -math.inf
-    return float(torch.where(outside, scores, scores.new_full((), -math.inf)).max())
-
-
 def grow_largest(sparsifier, name: str, k: int, closed: torch.Tensor, t: int,
                  inactive_of: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor | None, float | None]:
     """The ``k`` positions of ``name`` outside the sorted ``closed`` with the largest grow
     score (sorted), or ``None`` if a score is not finite; and, given the sorted active set
-    ``inactive_of`` of before the update, the largest score outside it (``None`` for a random
-    order, which has no scores, or without ``inactive_of``)."""
+    ``inactive_of`` of before the update, the largest score of a grown position outside it,
+    which is the largest score outside it whenever one was grown (``None`` where none was, for
+    a random order, which has no scores, or without ``inactive_of``)."""
     order_method = getattr(type(sparsifier).grow_scores, "descending_order", None)
     if order_method is not None:
         return first_free(getattr(sparsifier, order_method)(name), k, closed), None
     backend = sparsifier.backend
-    running = RunningTopK(k, sparsifier.order(name, GROW, t).rank)
-    bounds = torch.tensor([0, 0], device=closed.device)
-    best = None if inactive_of is None else -math.inf
-    for block in backend.blocks(name):
-        scores = sparsifier.grow_scores(block)
-        if scores.numel() != block.hi - block.lo:
-            raise ValueError(f"{type(sparsifier).__name__}.grow_scores must give a score of "
-                             f"the block's shape {tuple(block.shape)}, got "
-                             f"{tuple(scores.shape)}")
-        flat = comparable(scores)
-        if not _finite(flat):
-            return None, None
-        bounds[0], bounds[1] = block.lo, block.hi
-        if inactive_of is not None:
-            a, b = torch.searchsorted(inactive_of, bounds).tolist()
-            best = max(best, _largest_outside(flat, block.lo, inactive_of[a:b]))
-        a, b = torch.searchsorted(closed, bounds).tolist()
-        running.offer(flat.contiguous(), block.lo, (closed[a:b] - block.lo).to(flat.device))
-    return running.result().to(closed.device), best
+    numel = backend.numel(name)
+    running = RunningTopK(k, sparsifier.order(name, GROW, t).rank, total=numel - closed.numel())
+    for attempt in range(2):  # a second pass only where the first's guessed bound was too high
+        bounds = torch.tensor([0, 0], device=closed.device)
+        for block in backend.blocks(name):
+            scores = sparsifier.grow_scores(block)
+            if scores.numel() != block.hi - block.lo:
+                raise ValueError(f"{type(sparsifier).__name__}.grow_scores must give a score "
+                                 f"of the block's shape {tuple(block.shape)}, got "
+                                 f"{tuple(scores.shape)}")
+            flat = comparable(scores)
+            if not _finite(flat):
+                return None, None
+            bounds[0], bounds[1] = block.lo, block.hi
+            a, b = torch.searchsorted(closed, bounds).tolist()
+            running.offer(flat.contiguous(), block.lo, (closed[a:b] - block.lo).to(flat.device))
+        if running.complete():
+            break
+        running = RunningTopK(k, sparsifier.order(name, GROW, t).rank)  # no guessing
+    grown, scores = running.result_with_scores()
+    grown = grown.to(closed.device)
+    best = None
+    if inactive_of is not None and grown.numel():
+        new = ~contains(inactive_of, grown)
+        if bool(new.any()):
+            best = float(scores.to(new.device)[new].max())
+    return grown, best
 
 
 def drop_and_grow(sparsifier, name: str, n_drop: int, t: int, *,

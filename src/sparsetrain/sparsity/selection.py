@@ -145,23 +145,48 @@ class RunningTopK:
     memory: each block is cut to the few entries that can still make it, and the kept
     candidates are cut back to the best ``k`` whenever they reach ``2k``."""
 
-    def __init__(self, k: int, keys: Callable[[torch.Tensor], torch.Tensor]):
-        """``keys(positions)`` gives the distinct int64 tie keys of positions."""
+    def __init__(self, k: int, keys: Callable[[torch.Tensor], torch.Tensor],
+                 total: int | None = None):
+        """``keys(positions)`` gives the distinct int64 tie keys of positions. With ``total``,
+        the number of candidates all blocks will offer, the first block's scores give a guess
+        of a bound on the k-th largest over all of them (its share of the k, with a margin):
+        candidates below it are not kept, and ``complete()`` says whether the guess held (at
+        least k candidates reached it); where it did not, offer the blocks again to a
+        ``RunningTopK`` without ``total``."""
         self.k = int(k)
         self.keys = keys
+        self.total = total
+        self.guess = -math.inf
+        self._guessed = total is None
         self.floor = -math.inf  # once k are held: the smallest score held
         self._scores: list[torch.Tensor] = []
         self._positions: list[torch.Tensor] = []
         self._pending = 0
         self._held = 0
 
+    def _guess(self, scores: torch.Tensor, skip: torch.Tensor) -> float:
+        available = scores.numel() - skip.numel()
+        if not self.total or available <= 0:
+            return -math.inf
+        expected = math.ceil(self.k * min(1.0, available / self.total) * 1.25) + 256
+        return sampled_bound(scores, expected, skip) if expected < available else -math.inf
+
+    def complete(self) -> bool:
+        """Whether the candidates held are the exact top k (always, unless a guessed bound
+        was too high: fewer than k candidates reached it)."""
+        return self.guess == -math.inf or self._held + self._pending >= self.k
+
     def offer(self, scores: torch.Tensor, lo: int, skip: torch.Tensor) -> None:
         """Offer the 1-D ``scores`` of the positions ``lo, lo + 1, ...``, except the sorted
         offsets ``skip`` (closed positions)."""
         if self.k <= 0:
             return
+        if not self._guessed:
+            self._guessed, self.guess = True, self._guess(scores, skip)
         found = None
-        if self.floor == -math.inf and scores.numel() > self.k:
+        if self.guess > self.floor:
+            found = at_least(scores, self.guess, skip)
+        elif self.floor == -math.inf and scores.numel() > self.k:
             # below its own block's k-th an entry cannot make it: a bound from a sample,
             # good if at least k entries reach it
             bound = sampled_bound(scores, self.k, skip)
@@ -190,10 +215,14 @@ class RunningTopK:
 
     def result(self) -> torch.Tensor:
         """The positions of the ``k`` best candidates (fewer if fewer were offered), sorted."""
+        return self.result_with_scores()[0]
+
+    def result_with_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``result()`` and the (comparable) scores of those positions."""
         if self.k <= 0 or not self._positions:
-            return torch.empty(0, dtype=torch.int64)
+            return torch.empty(0, dtype=torch.int64), torch.empty(0)
         self._reduce()
-        return self._positions[0]
+        return self._positions[0], self._scores[0]
 
 
 def first_free(order: RandomOrder, k: int, closed: torch.Tensor,
