@@ -91,6 +91,7 @@ def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "lenet300" in out and "synthetic" in out and "rigl" in out and "grasp" in out
+    assert "srigl" in out and "block:4x4" in out
 
 
 def test_console_script(tmp_path):

@@ -336,11 +336,14 @@ def _list() -> int:
     from .methods import available_methods
     from .models import available_models
     from .runner.config import PRUNE_AT_INIT_METHODS
+    from .sparsity.structure import STRUCTURE_EXAMPLES
 
     print("models:   " + ", ".join(available_models()))
     print("data:     " + ", ".join(available_datasets()))
     print("methods:  dense, " + ", ".join(available_methods()) + " (dynamic and gradual), "
           + ", ".join(PRUNE_AT_INIT_METHODS) + " (pruning at initialisation)")
+    print("structures: " + ", ".join(STRUCTURE_EXAMPLES.values())
+          + " (any N:M and block:RxC; --structure)")
     return 0
 
 
