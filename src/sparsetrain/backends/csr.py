@@ -20,6 +20,10 @@ leaves float64 weights), the product is summed in float32 and returned in the au
 and the values' gradient arrives in ``.grad`` in the values' own dtype. Outside autocast the
 input is cast to the values' dtype.
 
+A layer whose weights come in aligned blocks of R outputs x C inputs can be told so
+(``set_block_shape((R, C))``): its values stay in the same order, and its products become the
+block kernels of :mod:`.block_ops`, which load each activation slice once for a block's R rows.
+
 For RigL the layer can also keep, on request, the input and output gradient of a step
 (``capture``), from which the dense weight gradient is computed later in blocks of rows.
 """
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from ..kernels import compiled_kernels  # noqa: F401  (the benchmarks import it from here)
+from .block_ops import BLOCK_KEYS, block_linear, block_structure
 from .csr_ops import DTYPES, csr_linear, register_layer
 
 
@@ -83,6 +88,7 @@ class CSRLinear(nn.Module):
         structure = csr_structure(mask.to(device=weight.device, dtype=torch.bool))
         self.register_buffer("crow", structure["crow"])
         self.register_buffer("col", structure["col"])
+        self.block_shape: tuple[int, int] | None = None
         self._transpose_structure()
         self.values = nn.Parameter(weight.detach()[structure["rows"], structure["col"]].clone())
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(
@@ -113,6 +119,7 @@ class CSRLinear(nn.Module):
         layer.register_buffer("col", torch.zeros(0, dtype=torch.int64, device=values.device))
         layer.values = nn.Parameter(values.detach().clone())
         layer.bias = bias
+        layer.block_shape = None
         layer.capture = None
         layer._handle = register_layer(layer)
         layer.set_positions(positions)
@@ -135,19 +142,52 @@ class CSRLinear(nn.Module):
 
     @torch.no_grad()
     def set_positions(self, positions: torch.Tensor) -> None:
-        """Point the structure at the sorted flat ``positions`` (as many as there are values)."""
+        """Point the structure at the sorted flat ``positions`` (as many as there are values).
+        With a block shape set, positions that do not tile into its aligned blocks raise a
+        ValueError and leave the layer as it was."""
         positions = positions.to(device=self.values.device, dtype=torch.int64)
         if positions.numel() != self.values.numel():
             raise ValueError(f"{positions.numel()} positions for {self.values.numel()} values")
         rows = torch.div(positions, self.in_features, rounding_mode="floor")
-        self.crow = _row_pointers(rows, self.out_features)
-        self.col = positions - rows * self.in_features
-        self._transpose_structure()
+        crow = _row_pointers(rows, self.out_features)
+        col = positions - rows * self.in_features
+        blocks = self._blocks_of(crow, col)  # raises before anything changes
+        self.crow, self.col = crow, col
+        self._transpose_structure(blocks)
+
+    def set_block_shape(self, shape: tuple[int, int] | None) -> None:
+        """Compute with the block kernels for aligned ``(R, C)`` blocks (R outputs x C inputs),
+        or, with None, with the unstructured ones. The current positions must tile into such
+        blocks (ValueError otherwise, the layer left as it was), and so must those of every
+        later ``set_positions`` and loaded state dict. The values keep their order either way."""
+        old = self.block_shape
+        self.block_shape = None if shape is None else (int(shape[0]), int(shape[1]))
+        try:
+            self._transpose_structure(self._blocks_of(self.crow, self.col))
+        except ValueError:
+            self.block_shape = old
+            raise
+
+    def _blocks_of(self, crow: torch.Tensor, col: torch.Tensor) -> dict | None:
+        """The block metadata of ``crow``, ``col`` for the block shape (None without one)."""
+        if self.block_shape is None:
+            return None
+        return block_structure(crow, col, (self.out_features, self.in_features),
+                               self.block_shape)
 
     @torch.no_grad()
-    def _transpose_structure(self) -> None:
-        """Rebuild ``t_crow``, ``t_row`` and ``t_perm`` (the structure of ``W^T``) from ``crow``
-        and ``col``."""
+    def _transpose_structure(self, blocks: dict | None = None) -> None:
+        """Rebuild the structure of ``W^T`` from ``crow`` and ``col``: with a block shape, the
+        block metadata ``blocks`` (:func:`.block_ops.block_structure`, whose buffers ``b_ptr``
+        .. ``t_blk`` it sets); without one, ``t_crow``, ``t_row`` and ``t_perm``. Those of the
+        other kind are left empty."""
+        empty = self.col.new_empty(0)
+        for key in BLOCK_KEYS:
+            self.register_buffer(key, empty if blocks is None else blocks[key], persistent=False)
+        if blocks is not None:
+            for key in ("t_crow", "t_row", "t_perm"):
+                self.register_buffer(key, empty, persistent=False)
+            return
         perm = torch.argsort(self.col, stable=True)  # rows in order within each column
         self.register_buffer("t_crow", _row_pointers(self.col, self.in_features),
                              persistent=False)
@@ -158,10 +198,16 @@ class CSRLinear(nn.Module):
         """``(crow, col, t_crow, t_row, t_perm)``, as :func:`.csr_ops.csr_linear` takes them."""
         return self.crow, self.col, self.t_crow, self.t_row, self.t_perm
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        crow, col = state_dict.get(prefix + "crow"), state_dict.get(prefix + "col")
+        blocks = None
+        if (self.block_shape is not None and crow is not None and col is not None
+                and crow.shape == self.crow.shape):  # checked before anything is loaded
+            blocks = self._blocks_of(crow.to(self.crow.device), col.to(self.col.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.col.numel() == self.values.numel():  # else load_state_dict reports the sizes
-            self._transpose_structure()
+            self._transpose_structure(blocks if blocks is not None
+                                      else self._blocks_of(self.crow, self.col))
 
     def empty_rows(self) -> int:
         """How many output units have no active input (they output only their bias)."""
@@ -223,11 +269,18 @@ class CSRLinear(nn.Module):
             flat = flat.to(dtype)
         if values.dtype != dtype:
             values = values.to(dtype)  # its backward returns the gradient in the values' dtype
-        y, _ = csr_linear(flat, values, *self.structure(), self.in_features, self._handle)
+        if self.block_shape is not None:
+            y, _ = block_linear(flat, values, self.crow, self.col,
+                                *(getattr(self, key) for key in BLOCK_KEYS), *self.block_shape,
+                                self.in_features, self._handle)
+        else:
+            y, _ = csr_linear(flat, values, *self.structure(), self.in_features, self._handle)
         if self.bias is not None:
             y = y + (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"nnz={self.values.numel()}, bias={self.bias is not None}")
+                f"nnz={self.values.numel()}, bias={self.bias is not None}"
+                + ("" if self.block_shape is None
+                   else f", block_shape={self.block_shape[0]}x{self.block_shape[1]}"))

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -388,6 +389,234 @@ void weight_grad_any(const int64_t* crow, const int64_t* col, const T* gy_tiles,
   weight_grad<T>(crow, col, gy_tiles, x_tiles, grad, rows, cols, batch);
 }
 
+// ---- Block-sparse products -----------------------------------------------------------------
+// W in aligned blocks of R outputs x C inputs, its values in the CSR order (row-major): block
+// row br (rows br*R .. br*R+R-1) holds blocks b_ptr[br] .. b_ptr[br+1]-1, at block columns
+// b_col[k] (inputs b_col[k]*C .. +C-1), and value (br, local block j, local row i, local col c)
+// sits at R*C*b_ptr[br] + i*nb*C + j*C + c, nb the block row's number of blocks.
+// W^T is block-sparse too (C x R blocks); its blocks, by block column of W, are t_ptr, their
+// block rows of W t_brow and their ordinals among W's blocks t_blk: the input gradient reads
+// W's values in place, without a transposed copy.
+//
+//   block_forward      y = x W^T      one load of an input slice serves the R rows of a block
+//   (transposed)       gx = gy W      one load of an output-gradient slice serves C rows
+//   block_weight_grad  grad_y^T x     per block: R gradient and C input slices, R*C sums
+//
+// The batch of a tile (4 vectors) is cut into parts so that a group of rows keeps at most 16
+// vectors of sums in registers: 1-4 rows take the whole tile, 8 rows halves, 16 rows quarters
+// (every line of a slice is still read once per block row).
+
+// One vector of sums: 16 floats or 8 doubles (GCC vector extensions: AVX-512 where built
+// with it, narrower vectors otherwise).
+typedef float vf __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(64)));
+template <typename A> struct VecOf;
+template <> struct VecOf<float> { using type = vf; };
+template <> struct VecOf<double> { using type = vd; };
+template <typename T> using vec_t = typename VecOf<acc_t<T>>::type;
+template <typename T> constexpr int lanes() { return 64 / sizeof(acc_t<T>); }
+
+// lanes<T>() numbers at p, widened to the sum type
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  if constexpr (!is16<T>()) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+#if defined(__AVX512F__)
+    v = (vf)load16(p);
+#else
+    for (int l = 0; l < 16; ++l) v[l] = static_cast<float>(p[l]);
+#endif
+  }
+  return v;
+}
+
+// Value (local row i, local col c) of a block, `step` apart along the strided direction:
+// W's blocks run along c (row stride `step`), W^T's along i (col stride `step`).
+struct BlockAddr {
+  int64_t base, col0, si, sc;
+};
+
+template <bool TR>
+inline BlockAddr block_addr(const int64_t* b_ptr, const int64_t* idx, const int64_t* t_blk,
+                            int64_t ob, int64_t k, int R, int C) {
+  if constexpr (!TR) {  // W: block row ob, its k-th block
+    const int64_t nb = b_ptr[ob + 1] - b_ptr[ob];
+    return {int64_t(R) * C * b_ptr[ob] + (k - b_ptr[ob]) * C, idx[k] * C, nb * C, 1};
+  } else {  // W^T: block column ob of W; its k-th block is W's block t_blk[k] in block row idx[k]
+    const int64_t br = idx[k], nb = b_ptr[br + 1] - b_ptr[br];
+    return {int64_t(R) * C * b_ptr[br] + (t_blk[k] - b_ptr[br]) * C, br * R, 1, nb * C};
+  }
+}
+
+// Sums of RG rows (i0 .. i0+RG-1 of output block row ob) over batch part `part` (NV vectors)
+// of a tile; `ro` x `ci` the blocks' shape in the product (R x C, or C x R for W^T).
+template <typename T, int RG, int NV, bool TR>
+void block_group(const T* tile, const acc_t<T>* vals, const int64_t* ptr, const int64_t* idx,
+                 const int64_t* b_ptr, const int64_t* t_blk, int64_t ob, int i0, int part,
+                 int R, int C, int ci, acc_t<T>* sums, int sum_stride) {
+  using V = vec_t<T>;
+  constexpr int L = lanes<T>(), BT = tile_width<T>();
+  V acc[RG][NV];
+  for (int i = 0; i < RG; ++i)
+    for (int n = 0; n < NV; ++n) acc[i][n] = V{};
+  for (int64_t k = ptr[ob]; k < ptr[ob + 1]; ++k) {
+    const BlockAddr a = block_addr<TR>(b_ptr, idx, t_blk, ob, k, R, C);
+    const acc_t<T>* v = vals + a.base + i0 * a.si;
+    const T* x = tile + a.col0 * BT + part * NV * L;
+    for (int c = 0; c < ci; ++c, x += BT, v += a.sc) {
+      V xv[NV];
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) xv[n] = vload(x + n * L);
+#pragma GCC unroll 16
+      for (int i = 0; i < RG; ++i) {
+        const acc_t<T> w = v[i * a.si];
+#pragma GCC unroll 4
+        for (int n = 0; n < NV; ++n) acc[i][n] += w * xv[n];
+      }
+    }
+  }
+  for (int i = 0; i < RG; ++i)
+    for (int n = 0; n < NV; ++n)
+      std::memcpy(sums + i * sum_stride + part * NV * L + n * L, &acc[i][n], sizeof(V));
+}
+
+// All rows of output block row ob: groups of 16, 8, 4, 2 and 1 rows, each over the parts of
+// the tile its registers allow.
+template <typename T, bool TR>
+void block_row_sums(const T* tile, const acc_t<T>* vals, const int64_t* ptr, const int64_t* idx,
+                    const int64_t* b_ptr, const int64_t* t_blk, int64_t ob, int R, int C,
+                    acc_t<T>* sums) {
+  constexpr int BT = tile_width<T>(), NT = BT / lanes<T>();  // vectors per tile row
+  const int ro = TR ? C : R, ci = TR ? R : C;
+  int i0 = 0;
+  auto run = [&](auto rg_tag) {
+    constexpr int RG = decltype(rg_tag)::value;
+    constexpr int NV = std::max(1, std::min(NT, 16 / RG));
+    while (ro - i0 >= RG) {
+      for (int part = 0; part < NT / NV; ++part)
+        block_group<T, RG, NV, TR>(tile, vals, ptr, idx, b_ptr, t_blk, ob, i0, part, R, C, ci,
+                                   sums + i0 * BT, BT);
+      i0 += RG;
+    }
+  };
+  run(std::integral_constant<int, 16>{});
+  run(std::integral_constant<int, 8>{});
+  run(std::integral_constant<int, 4>{});
+  run(std::integral_constant<int, 2>{});
+  run(std::integral_constant<int, 1>{});
+}
+
+// y (batch, n_ob * ro) = the product of the block matrix (output block rows ptr) with the
+// packed operand x_tiles (tiles, cols, BT); output block rows in chunks of at least 16 rows,
+// written out together (as forward_rows does).
+template <typename T, bool TR>
+void block_forward_impl(const int64_t* ptr, const int64_t* idx, const int64_t* b_ptr,
+                        const int64_t* t_blk, const acc_t<T>* vals, const T* x_tiles, T* y,
+                        int64_t n_ob, int R, int C, int64_t cols, int64_t batch) {
+  using A = acc_t<T>;
+  constexpr int BT = tile_width<T>();
+  const int ro = TR ? C : R;
+  const int64_t rows = n_ob * ro, nt = n_tiles(batch, BT);
+  const int64_t per = std::max<int64_t>(1, (16 + ro - 1) / ro);  // block rows per chunk
+  const int64_t nc = (n_ob + per - 1) / per;
+#pragma omp parallel
+  {
+    std::vector<A> buffer(per * ro * BT + 64 / sizeof(A));
+    A* sums = buffer.data();
+    for (int64_t t = 0; t < nt; ++t) {
+      const T* tile = x_tiles + t * cols * BT;
+      const int width = static_cast<int>(std::min<int64_t>(BT, batch - t * BT));
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t ob0 = c * per, ob1 = std::min(n_ob, ob0 + per);
+        for (int64_t ob = ob0; ob < ob1; ++ob)
+          block_row_sums<T, TR>(tile, vals, ptr, idx, b_ptr, t_blk, ob, R, C,
+                                sums + (ob - ob0) * ro * BT);
+        const int64_t r0 = ob0 * ro;
+        const int n = static_cast<int>((ob1 - ob0) * ro);
+        for (int b = 0; b < width; ++b) {
+          T* out = y + (t * BT + b) * rows + r0;
+          for (int i = 0; i < n; ++i) out[i] = static_cast<T>(sums[i * BT + b]);
+        }
+      }
+    }
+  }
+}
+
+// The sums of up to 16 vectors s[q] (their lanes), into out[0 .. m-1].
+template <typename V, typename A>
+inline void reduce_lanes(V* s, int m, A* out) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float>) {
+    for (int q = m; q < 16; ++q) s[q] = V{};
+    __m512 w[16];
+    for (int q = 0; q < 16; ++q) w[q] = (__m512)s[q];
+    alignas(64) float r[16];
+    _mm512_store_ps(r, sum16(w));
+    for (int q = 0; q < m; ++q) out[q] = r[q];
+    return;
+  }
+#endif
+  for (int q = 0; q < m; ++q) {
+    A total = 0;
+    for (int l = 0; l < int(sizeof(V) / sizeof(A)); ++l) total += s[q][l];
+    out[q] = total;
+  }
+}
+
+// grad (in W's value order) = grad_y^T x at the active blocks. A block's R*C sums go in groups
+// of 16 (row-major within the block); each sum runs over every tile in registers before the
+// lanes are reduced, once.
+template <typename T>
+void block_weight_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const T* gy_tiles,
+                            const T* x_tiles, acc_t<T>* grad, int64_t nbr, int R, int C,
+                            int64_t cols, int64_t batch) {
+  using A = acc_t<T>;
+  using V = vec_t<T>;
+  constexpr int BT = tile_width<T>(), L = lanes<T>(), NT = BT / L;
+  const int64_t rows = nbr * R, nt = n_tiles(batch, BT);
+  const int pairs = R * C;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t br = 0; br < nbr; ++br) {
+    const int64_t nb = b_ptr[br + 1] - b_ptr[br], base = int64_t(R) * C * b_ptr[br];
+    for (int64_t k = b_ptr[br]; k < b_ptr[br + 1]; ++k) {
+      const int64_t j = k - b_ptr[br], col0 = b_col[k] * C;
+      for (int p0 = 0; p0 < pairs; p0 += 16) {
+        const int m = std::min(16, pairs - p0);
+        V s[16];
+        for (int q = 0; q < 16; ++q) s[q] = V{};
+        for (int64_t t = 0; t < nt; ++t) {
+          const T* g_tile = gy_tiles + (t * rows + br * R) * BT;
+          const T* x_tile = x_tiles + (t * cols + col0) * BT;
+          for (int q = 0; q < m; ++q) {
+            const int i = (p0 + q) / C, c = (p0 + q) % C;
+            const T* g = g_tile + i * BT;
+            const T* x = x_tile + c * BT;
+            V acc = vload(g) * vload(x);
+#pragma GCC unroll 4
+            for (int n = 1; n < NT; ++n) acc += vload(g + n * L) * vload(x + n * L);
+            s[q] += acc;
+          }
+        }
+        A out[16];
+        reduce_lanes<V, A>(s, m, out);
+        for (int q = 0; q < m; ++q) {
+          const int i = (p0 + q) / C, c = (p0 + q) % C;
+          grad[base + i * nb * C + j * C + c] = out[q];
+        }
+      }
+    }
+  }
+}
+
+void check_blocks(const torch::Tensor& ptr, const torch::Tensor& idx, const char* what) {
+  TORCH_CHECK(ptr.scalar_type() == torch::kInt64 && idx.scalar_type() == torch::kInt64 &&
+              ptr.is_contiguous() && idx.is_contiguous() && ptr.dim() == 1 && ptr.numel() >= 1,
+              what, ": block indices must be contiguous 1-D int64 tensors");
+}
+
 // Candidates of one block of scores (the grow step): the entries at least `threshold`,
 // skipping the sorted (block-relative) positions in `closed`, in position order.
 // Two passes over equal chunks, one per thread: count, then write at each chunk's offset.
@@ -516,6 +745,80 @@ torch::Tensor csr_weight_grad(torch::Tensor crow, torch::Tensor col, torch::Tens
   return grad.scalar_type() == type ? grad : grad.to(type);
 }
 
+// The values of a block-sparse weight, widened to the sum type, after checking their number.
+torch::Tensor block_values(torch::Tensor values, const torch::Tensor& b_ptr, int64_t R, int64_t C,
+                           const char* what) {
+  TORCH_CHECK(R >= 1 && C >= 1, what, ": block shape must be positive");
+  const int64_t nb = b_ptr[-1].item<int64_t>();
+  TORCH_CHECK(values.dim() == 1 && values.numel() == nb * R * C, what, ": ", values.numel(),
+              " values for ", nb, " blocks of ", R, "x", C);
+  return values.contiguous().to(acc_type(values.scalar_type()));
+}
+
+// y = x W^T, (batch, rows), for W in R x C blocks (b_ptr, b_col), x packed
+torch::Tensor block_forward(torch::Tensor b_ptr, torch::Tensor b_col, torch::Tensor values,
+                            torch::Tensor x_tiles, int64_t R, int64_t C, int64_t cols,
+                            int64_t batch) {
+  check_blocks(b_ptr, b_col, "block_forward");
+  check_tiles(x_tiles, cols, "block_forward");
+  check_same(values, x_tiles, "block_forward");
+  TORCH_CHECK(cols % C == 0, "block_forward: ", cols, " inputs do not hold blocks ", C, " wide");
+  const auto acc_values = block_values(values, b_ptr, R, C, "block_forward");
+  const int64_t nbr = b_ptr.numel() - 1;
+  auto y = torch::empty({batch, nbr * R}, x_tiles.options());
+  ST_DISPATCH(values.scalar_type(), "block_forward", [&] {
+    block_forward_impl<scalar_t, false>(b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(),
+                                        b_ptr.data_ptr<int64_t>(), nullptr,
+                                        acc_values.data_ptr<acc_t<scalar_t>>(),
+                                        x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), nbr,
+                                        R, C, cols, batch);
+  });
+  return y;
+}
+
+// grad_x = grad_y W, (batch, cols): the product of W^T (block columns t_ptr of W, their block
+// rows t_brow and block ordinals t_blk), W's values read in place; grad_y packed
+torch::Tensor block_input_grad(torch::Tensor t_ptr, torch::Tensor t_brow, torch::Tensor t_blk,
+                               torch::Tensor b_ptr, torch::Tensor values, torch::Tensor gy_tiles,
+                               int64_t R, int64_t C, int64_t batch) {
+  check_blocks(t_ptr, t_brow, "block_input_grad");
+  check_blocks(b_ptr, t_blk, "block_input_grad");
+  const int64_t nbr = b_ptr.numel() - 1, nbc = t_ptr.numel() - 1;
+  check_tiles(gy_tiles, nbr * R, "block_input_grad");
+  check_same(values, gy_tiles, "block_input_grad");
+  TORCH_CHECK(t_brow.numel() == t_blk.numel(), "block_input_grad: t_brow and t_blk differ");
+  const auto acc_values = block_values(values, b_ptr, R, C, "block_input_grad");
+  auto gx = torch::empty({batch, nbc * C}, gy_tiles.options());
+  ST_DISPATCH(values.scalar_type(), "block_input_grad", [&] {
+    block_forward_impl<scalar_t, true>(t_ptr.data_ptr<int64_t>(), t_brow.data_ptr<int64_t>(),
+                                       b_ptr.data_ptr<int64_t>(), t_blk.data_ptr<int64_t>(),
+                                       acc_values.data_ptr<acc_t<scalar_t>>(),
+                                       gy_tiles.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), nbc,
+                                       R, C, nbr * R, batch);
+  });
+  return gx;
+}
+
+// grad_y^T x at W's active blocks, in W's value order; both operands packed
+torch::Tensor block_weight_grad(torch::Tensor b_ptr, torch::Tensor b_col, torch::Tensor gy_tiles,
+                                torch::Tensor x_tiles, int64_t R, int64_t C, int64_t cols,
+                                int64_t batch) {
+  check_blocks(b_ptr, b_col, "block_weight_grad");
+  TORCH_CHECK(R >= 1 && C >= 1, "block_weight_grad: block shape must be positive");
+  const int64_t nbr = b_ptr.numel() - 1;
+  check_tiles(gy_tiles, nbr * R, "block_weight_grad");
+  check_tiles(x_tiles, cols, "block_weight_grad");
+  check_same(gy_tiles, x_tiles, "block_weight_grad");
+  const auto type = gy_tiles.scalar_type();
+  auto grad = torch::empty({b_col.numel() * R * C}, gy_tiles.options().dtype(acc_type(type)));
+  ST_DISPATCH(type, "block_weight_grad", [&] {
+    block_weight_grad_impl<scalar_t>(b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(),
+                                     gy_tiles.data_ptr<scalar_t>(), x_tiles.data_ptr<scalar_t>(),
+                                     grad.data_ptr<acc_t<scalar_t>>(), nbr, R, C, cols, batch);
+  });
+  return grad.scalar_type() == type ? grad : grad.to(type);
+}
+
 // scores: a contiguous block of scores; closed: sorted block-relative positions to skip.
 // Returns (scores >= threshold, their block-relative positions), in position order.
 std::vector<torch::Tensor> candidates_at_least(torch::Tensor grad, double threshold,
@@ -568,6 +871,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_rows", &unpack_rows, "(tiles, features, width) -> (batch, features)");
   m.def("csr_forward", &csr_forward, "x W^T for a CSR W, x packed");
   m.def("csr_weight_grad", &csr_weight_grad, "grad_y^T x at the non-zeros of W, both packed");
+  m.def("block_forward", &block_forward, "x W^T for W in R x C blocks, x packed");
+  m.def("block_input_grad", &block_input_grad, "grad_y W for W in R x C blocks, grad_y packed");
+  m.def("block_weight_grad", &block_weight_grad, "grad_y^T x at W's blocks, both packed");
   m.def("zero_inactive", &zero_inactive, "tensor[~active] = 0, in place");
   m.def("candidates_at_least", &candidates_at_least, "entries of a score block at least a threshold");
 }

@@ -1,0 +1,172 @@
+"""Block-sparse products: ``CSRLinear`` with its weights in aligned blocks of R x C.
+
+A layer whose active weights come in aligned blocks of ``R`` outputs x ``C`` inputs keeps its
+values in the same CSR order as any other (row-major sorted positions), so value (block row
+``br``, its ``j``-th block, local row ``i``, local column ``c``) sits at
+``crow[br * R + i] + j * C + c``. :func:`block_structure` checks that positions tile so and
+builds what the products need:
+
+- ``b_ptr`` (``out / R + 1``): the block row pointers, counted in blocks;
+- ``b_col``: the block column of every block (its inputs are ``b_col * C .. + C - 1``);
+- ``t_ptr`` (``in / C + 1``), ``t_brow`` and ``t_blk``: the blocks of ``W^T`` by block column,
+  with their block row and their ordinal among ``W``'s blocks, so that the input gradient
+  gathers ``W``'s values in place.
+
+``sparsetrain::block_linear`` and ``sparsetrain::block_linear_backward`` are the custom
+operators (fake implementations and a registered autograd, as :mod:`.csr_ops`): on the CPU the
+OpenMP kernels of ``csrc/csr_kernels.cpp`` (one load of an input slice serves the R rows of a
+block in the forward product, one load of an output-gradient slice the C rows of ``W^T``'s
+block in the input gradient, and the weight gradient is summed per block over every tile before
+its lanes are reduced); elsewhere, or where the kernels cannot be built, the CSR operators' own
+fallback through torch's sparse operations (the same products). The capture of ``(x, grad_y)``
+for RigL works as for :func:`.csr_ops.csr_linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import compiled_kernels
+from .csr_ops import _check, _fallback_backward, _record, csr_linear, tile_width, use_kernels
+
+
+def _bad(shape, block, why: str) -> ValueError:
+    return ValueError(f"positions of a {shape[0]}x{shape[1]} weight do not tile into aligned "
+                      f"{block[0]}x{block[1]} blocks: {why}")
+
+
+@torch.no_grad()
+def block_structure(crow: Tensor, col: Tensor, shape, block) -> dict[str, Tensor]:
+    """The block metadata of a CSR structure (``crow``, ``col``) of a ``shape`` weight in
+    aligned ``block = (R, C)`` blocks; ValueError where its positions do not tile so.
+    O(nnz) checks, and a stable sort of the blocks (not of the values) for ``W^T``."""
+    out_f, in_f = (int(s) for s in shape)
+    r, c = (int(b) for b in block)
+    if r < 1 or c < 1 or out_f % r or in_f % c:
+        raise ValueError(f"block {r}x{c} does not tile a {out_f}x{in_f} weight (R must divide "
+                         f"the outputs and C the inputs)")
+    counts = crow[1:] - crow[:-1]
+    per_block_row = counts.view(-1, r)
+    if not bool((per_block_row == per_block_row[:, :1]).all()):
+        raise _bad(shape, block, "the rows of a block row hold different numbers of weights")
+    if bool((counts % c).any()):
+        raise _bad(shape, block, f"a row holds a number of weights that is not a multiple of {c}")
+    rows = torch.repeat_interleave(torch.arange(out_f, device=col.device), counts)
+    local = torch.arange(col.numel(), device=col.device) - crow[rows]  # index within its row
+    if bool((col % c != local % c).any()):
+        raise _bad(shape, block, "a weight's column is out of place within its block")
+    group_start = torch.arange(col.numel(), device=col.device) - local % c
+    if bool((col // c != col.index_select(0, group_start) // c).any()):
+        raise _bad(shape, block, f"a row's weights do not come in runs of {c} aligned columns")
+    leader = crow.index_select(0, (rows // r) * r) + local  # same place in the block row's first row
+    if bool((col != col.index_select(0, leader)).any()):
+        raise _bad(shape, block, "the rows of a block row hold different columns")
+    b_ptr = torch.div(crow[::r], r * c, rounding_mode="floor")
+    firsts = (rows % r == 0) & (local % c == 0)
+    b_col = col[firsts] // c
+    n_blocks = b_col.numel()
+    b_row = torch.repeat_interleave(torch.arange(out_f // r, device=col.device),
+                                    b_ptr[1:] - b_ptr[:-1])
+    order = torch.argsort(b_col, stable=True)  # by block column, block rows in order
+    t_ptr = torch.zeros(in_f // c + 1, dtype=torch.int64, device=col.device)
+    t_ptr[1:] = torch.cumsum(torch.bincount(b_col, minlength=in_f // c), 0)
+    assert n_blocks * r * c == col.numel()
+    return {"b_ptr": b_ptr.contiguous(), "b_col": b_col, "t_ptr": t_ptr,
+            "t_brow": b_row.index_select(0, order), "t_blk": order}
+
+
+#: The order of the block metadata in the operators' arguments.
+BLOCK_KEYS = ("b_ptr", "b_col", "t_ptr", "t_brow", "t_blk")
+
+
+def _dims(b_ptr: Tensor, block_rows: int) -> int:
+    return (b_ptr.shape[0] - 1) * block_rows
+
+
+@torch.library.custom_op("sparsetrain::block_linear", mutates_args=())
+def block_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, b_ptr: Tensor,
+                 b_col: Tensor, t_ptr: Tensor, t_brow: Tensor, t_blk: Tensor, block_rows: int,
+                 block_cols: int, in_features: int, layer: int) -> tuple[Tensor, Tensor]:
+    """``(x W^T, saved)`` for a weight in ``block_rows x block_cols`` blocks; ``crow`` and
+    ``col`` serve the fallback, ``layer`` is a handle from :func:`.csr_ops.register_layer`."""
+    _check(x, values, crow, col, in_features)
+    if use_kernels(x):
+        kernels = compiled_kernels()
+        tiles = kernels.pack_rows(x)
+        y = kernels.block_forward(b_ptr, b_col, values.contiguous(), tiles, block_rows,
+                                  block_cols, in_features, x.shape[0])
+        return y, tiles
+    empty = crow.new_empty(0)
+    return csr_linear(x, values, crow, col, empty, empty, empty, in_features, -1)
+
+
+@block_linear.register_fake
+def _block_linear_fake(x, values, crow, col, b_ptr, b_col, t_ptr, t_brow, t_blk, block_rows,
+                       block_cols, in_features, layer):
+    batch = x.shape[0]
+    y = x.new_empty((batch, _dims(b_ptr, block_rows)))
+    if use_kernels(x):
+        width = tile_width(x.dtype)
+        return y, x.new_empty(((batch + width - 1) // width, in_features, width))
+    return y, x.new_empty(0)
+
+
+@torch.library.custom_op("sparsetrain::block_linear_backward", mutates_args=())
+def block_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Tensor,
+                          col: Tensor, b_ptr: Tensor, b_col: Tensor, t_ptr: Tensor,
+                          t_brow: Tensor, t_blk: Tensor, block_rows: int, block_cols: int,
+                          in_features: int, layer: int, need_input: bool,
+                          need_values: bool) -> tuple[Tensor, Tensor]:
+    """``(grad_y W, grad_y^T x at the active blocks)``; ``saved`` is the packed ``x`` where
+    the kernels ran the forward, ``x`` itself otherwise. A gradient not needed comes back
+    empty."""
+    batch = grad_y.shape[0]
+    if use_kernels(grad_y):
+        kernels = compiled_kernels()
+        if layer >= 0:
+            _record(layer, kernels.unpack_rows(saved, batch), grad_y)
+        gy_tiles = kernels.pack_rows(grad_y)
+        grad_x, grad_values = grad_y.new_empty(0), grad_y.new_empty(0)
+        if need_input:
+            grad_x = kernels.block_input_grad(t_ptr, t_brow, t_blk, b_ptr, values.contiguous(),
+                                              gy_tiles, block_rows, block_cols, batch)
+        if need_values:
+            grad_values = kernels.block_weight_grad(b_ptr, b_col, gy_tiles, saved, block_rows,
+                                                    block_cols, in_features, batch)
+        return grad_x, grad_values
+    if layer >= 0:
+        _record(layer, saved, grad_y)
+    with torch.autocast(grad_y.device.type, enabled=False):  # the dtypes are chosen already
+        return _fallback_backward(grad_y, saved, values, crow, col, in_features, need_input,
+                                  need_values)
+
+
+@block_linear_backward.register_fake
+def _block_linear_backward_fake(grad_y, saved, values, crow, col, b_ptr, b_col, t_ptr, t_brow,
+                                t_blk, block_rows, block_cols, in_features, layer, need_input,
+                                need_values):
+    batch = grad_y.shape[0]
+    grad_x = grad_y.new_empty((batch, in_features) if need_input else (0,))
+    grad_values = values.new_empty(values.shape) if need_values else grad_y.new_empty(0)
+    return grad_x, grad_values
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, crow, col, *blocks, block_rows, block_cols, in_features, layer = inputs
+    _, saved = output
+    ctx.save_for_backward(saved if use_kernels(x) else x, values, crow, col, *blocks)
+    ctx.block, ctx.in_features, ctx.layer = (block_rows, block_cols), in_features, layer
+    ctx.mark_non_differentiable(saved)
+
+
+def _backward(ctx, grad_y, _grad_saved):
+    need_input, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_values = block_linear_backward(grad_y, *ctx.saved_tensors, *ctx.block,
+                                                ctx.in_features, ctx.layer, need_input,
+                                                need_values)
+    return (grad_x if need_input else None, grad_values if need_values else None,
+            *([None] * 11))
+
+
+block_linear.register_autograd(_backward, setup_context=_setup_context)
