@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import compiled_kernels
-from .csr_ops import _check, _fallback_backward, _record, csr_linear, tile_width, use_kernels
+from .csr_ops import (_check, _fallback_backward, _record, capturing, csr_linear, tile_width,
+                      use_kernels)
 
 
 def _bad(shape, block, why: str) -> ValueError:
@@ -112,6 +113,21 @@ def _block_linear_fake(x, values, crow, col, b_ptr, b_col, t_ptr, t_brow, t_blk,
     return y, x.new_empty(0)
 
 
+def _input_grad(kernels, b_ptr, b_col, t_ptr, t_brow, t_blk, values, gy_tiles, block_rows,
+                block_cols, in_features, batch):
+    """``grad_y W`` by the kernel that suits the block shape: for blocks at least as tall as
+    they are wide, along W's rows (the R gradient slices of a block row in registers, added
+    into the slices of grad_x its blocks touch); for wider ones, as the forward product of
+    ``W^T`` (C rows of a block served by one gradient slice). Measured on 4096 x 4096 at
+    density 0.1: 4x4, 4x1, 8x1 and 16x1 run 1.6 to 2.5 times faster along rows, 1x4 1.25
+    times faster as W^T's product."""
+    if block_rows >= block_cols:
+        return kernels.block_input_grad_rows(b_ptr, b_col, values, gy_tiles, block_rows,
+                                             block_cols, in_features, batch)
+    return kernels.block_input_grad(t_ptr, t_brow, t_blk, b_ptr, values, gy_tiles, block_rows,
+                                    block_cols, batch)
+
+
 @torch.library.custom_op("sparsetrain::block_linear_backward", mutates_args=())
 def block_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Tensor,
                           col: Tensor, b_ptr: Tensor, b_col: Tensor, t_ptr: Tensor,
@@ -124,13 +140,13 @@ def block_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: T
     batch = grad_y.shape[0]
     if use_kernels(grad_y):
         kernels = compiled_kernels()
-        if layer >= 0:
+        if layer >= 0 and capturing(layer):
             _record(layer, kernels.unpack_rows(saved, batch), grad_y)
         gy_tiles = kernels.pack_rows(grad_y)
         grad_x, grad_values = grad_y.new_empty(0), grad_y.new_empty(0)
         if need_input:
-            grad_x = kernels.block_input_grad(t_ptr, t_brow, t_blk, b_ptr, values.contiguous(),
-                                              gy_tiles, block_rows, block_cols, batch)
+            grad_x = _input_grad(kernels, b_ptr, b_col, t_ptr, t_brow, t_blk, values.contiguous(),
+                                 gy_tiles, block_rows, block_cols, in_features, batch)
         if need_values:
             grad_values = kernels.block_weight_grad(b_ptr, b_col, gy_tiles, saved, block_rows,
                                                     block_cols, in_features, batch)

@@ -128,6 +128,13 @@ def _csr_linear_fake(x, values, crow, col, t_crow, t_row, t_perm, in_features, l
     return y, x.new_empty(0)
 
 
+def capturing(layer: int) -> bool:
+    """Whether layer handle ``layer`` has a capture list now (so that the backward pass need
+    not unpack its saved input otherwise)."""
+    module = _LAYERS[layer]() if layer in _LAYERS else None
+    return module is not None and module.capture is not None
+
+
 def _record(layer: int, x: Tensor, grad_y: Tensor) -> None:
     """Append copies of ``(x, grad_y)`` to the capture list of layer handle ``layer``, if it
     has one."""
@@ -148,7 +155,7 @@ def csr_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Ten
     rows, batch = crow.shape[0] - 1, grad_y.shape[0]
     if use_kernels(grad_y):
         kernels = compiled_kernels()
-        if layer >= 0:
+        if layer >= 0 and capturing(layer):
             _record(layer, kernels.unpack_rows(saved, batch), grad_y)
         gy_tiles = kernels.pack_rows(grad_y)
         grad_x, grad_values = grad_y.new_empty(0), grad_y.new_empty(0)

@@ -395,12 +395,13 @@ void weight_grad_any(const int64_t* crow, const int64_t* col, const T* gy_tiles,
 // b_col[k] (inputs b_col[k]*C .. +C-1), and value (br, local block j, local row i, local col c)
 // sits at R*C*b_ptr[br] + i*nb*C + j*C + c, nb the block row's number of blocks.
 // W^T is block-sparse too (C x R blocks); its blocks, by block column of W, are t_ptr, their
-// block rows of W t_brow and their ordinals among W's blocks t_blk: the input gradient reads
-// W's values in place, without a transposed copy.
+// block rows of W t_brow and their ordinals among W's blocks t_blk.
 //
 //   block_forward      y = x W^T      one load of an input slice serves the R rows of a block
-//   (transposed)       gx = gy W      one load of an output-gradient slice serves C rows
-//   block_weight_grad  grad_y^T x     per block: R gradient and C input slices, R*C sums
+//   block_input_grad   gx = gy W      the forward product of W^T (its values gathered once into
+//                                     its block order): one gradient slice serves C rows
+//   block_weight_grad  grad_y^T x     per block row: groups of rows x columns (16 sums), each
+//                                     summed over every tile before the lanes are reduced
 //
 // The batch of a tile (4 vectors) is cut into parts so that a group of rows keeps at most 16
 // vectors of sums in registers: 1-4 rows take the whole tile, 8 rows halves, 16 rows quarters
@@ -432,46 +433,50 @@ inline vec_t<T> vload(const T* p) {
   return v;
 }
 
-// Value (local row i, local col c) of a block, `step` apart along the strided direction:
-// W's blocks run along c (row stride `step`), W^T's along i (col stride `step`).
+// Where a block's values are: value (local row i, local col c) at base + i * si + c. Layout W:
+// W's own CSR order (block row ob's k-th block at ro*ci*ptr[ob] + (k - ptr[ob])*ci, rows
+// nb*ci apart); layout BSR: blocks stored whole, row-major (W^T's values, gathered so once per
+// backward pass, so that the input gradient reads them in order instead of one line a value).
+enum class Layout { W, BSR };
+
 struct BlockAddr {
-  int64_t base, col0, si, sc;
+  int64_t base, col0, si;
 };
 
-template <bool TR>
-inline BlockAddr block_addr(const int64_t* b_ptr, const int64_t* idx, const int64_t* t_blk,
-                            int64_t ob, int64_t k, int R, int C) {
-  if constexpr (!TR) {  // W: block row ob, its k-th block
-    const int64_t nb = b_ptr[ob + 1] - b_ptr[ob];
-    return {int64_t(R) * C * b_ptr[ob] + (k - b_ptr[ob]) * C, idx[k] * C, nb * C, 1};
-  } else {  // W^T: block column ob of W; its k-th block is W's block t_blk[k] in block row idx[k]
-    const int64_t br = idx[k], nb = b_ptr[br + 1] - b_ptr[br];
-    return {int64_t(R) * C * b_ptr[br] + (t_blk[k] - b_ptr[br]) * C, br * R, 1, nb * C};
+template <Layout LY>
+inline BlockAddr block_addr(const int64_t* ptr, const int64_t* idx, int64_t ob, int64_t k,
+                            int ro, int ci) {
+  if constexpr (LY == Layout::W) {
+    const int64_t nb = ptr[ob + 1] - ptr[ob];
+    return {int64_t(ro) * ci * ptr[ob] + (k - ptr[ob]) * ci, idx[k] * ci, nb * ci};
+  } else {
+    return {k * ro * ci, idx[k] * ci, ci};
   }
 }
 
 // Sums of RG rows (i0 .. i0+RG-1 of output block row ob) over batch part `part` (NV vectors)
-// of a tile; `ro` x `ci` the blocks' shape in the product (R x C, or C x R for W^T).
-template <typename T, int RG, int NV, bool TR>
+// of a tile, for ro x ci blocks (CI = ci known when compiled, or 0).
+template <typename T, int RG, int NV, int CI, Layout LY>
 void block_group(const T* tile, const acc_t<T>* vals, const int64_t* ptr, const int64_t* idx,
-                 const int64_t* b_ptr, const int64_t* t_blk, int64_t ob, int i0, int part,
-                 int R, int C, int ci, acc_t<T>* sums, int sum_stride) {
+                 int64_t ob, int i0, int part, int ro, int ci, acc_t<T>* sums) {
   using V = vec_t<T>;
   constexpr int L = lanes<T>(), BT = tile_width<T>();
+  const int nc = CI > 0 ? CI : ci;
   V acc[RG][NV];
   for (int i = 0; i < RG; ++i)
     for (int n = 0; n < NV; ++n) acc[i][n] = V{};
   for (int64_t k = ptr[ob]; k < ptr[ob + 1]; ++k) {
-    const BlockAddr a = block_addr<TR>(b_ptr, idx, t_blk, ob, k, R, C);
+    const BlockAddr a = block_addr<LY>(ptr, idx, ob, k, ro, ci);
     const acc_t<T>* v = vals + a.base + i0 * a.si;
     const T* x = tile + a.col0 * BT + part * NV * L;
-    for (int c = 0; c < ci; ++c, x += BT, v += a.sc) {
+#pragma GCC unroll 16
+    for (int c = 0; c < nc; ++c) {
       V xv[NV];
 #pragma GCC unroll 4
-      for (int n = 0; n < NV; ++n) xv[n] = vload(x + n * L);
+      for (int n = 0; n < NV; ++n) xv[n] = vload(x + c * BT + n * L);
 #pragma GCC unroll 16
       for (int i = 0; i < RG; ++i) {
-        const acc_t<T> w = v[i * a.si];
+        const acc_t<T> w = v[i * a.si + c];
 #pragma GCC unroll 4
         for (int n = 0; n < NV; ++n) acc[i][n] += w * xv[n];
       }
@@ -479,25 +484,23 @@ void block_group(const T* tile, const acc_t<T>* vals, const int64_t* ptr, const 
   }
   for (int i = 0; i < RG; ++i)
     for (int n = 0; n < NV; ++n)
-      std::memcpy(sums + i * sum_stride + part * NV * L + n * L, &acc[i][n], sizeof(V));
+      std::memcpy(sums + i * BT + part * NV * L + n * L, &acc[i][n], sizeof(V));
 }
 
 // All rows of output block row ob: groups of 16, 8, 4, 2 and 1 rows, each over the parts of
 // the tile its registers allow.
-template <typename T, bool TR>
+template <typename T, int CI, Layout LY>
 void block_row_sums(const T* tile, const acc_t<T>* vals, const int64_t* ptr, const int64_t* idx,
-                    const int64_t* b_ptr, const int64_t* t_blk, int64_t ob, int R, int C,
-                    acc_t<T>* sums) {
+                    int64_t ob, int ro, int ci, acc_t<T>* sums) {
   constexpr int BT = tile_width<T>(), NT = BT / lanes<T>();  // vectors per tile row
-  const int ro = TR ? C : R, ci = TR ? R : C;
   int i0 = 0;
   auto run = [&](auto rg_tag) {
     constexpr int RG = decltype(rg_tag)::value;
     constexpr int NV = std::max(1, std::min(NT, 16 / RG));
     while (ro - i0 >= RG) {
       for (int part = 0; part < NT / NV; ++part)
-        block_group<T, RG, NV, TR>(tile, vals, ptr, idx, b_ptr, t_blk, ob, i0, part, R, C, ci,
-                                   sums + i0 * BT, BT);
+        block_group<T, RG, NV, CI, LY>(tile, vals, ptr, idx, ob, i0, part, ro, ci,
+                                       sums + i0 * BT);
       i0 += RG;
     }
   };
@@ -508,105 +511,239 @@ void block_row_sums(const T* tile, const acc_t<T>* vals, const int64_t* ptr, con
   run(std::integral_constant<int, 1>{});
 }
 
-// y (batch, n_ob * ro) = the product of the block matrix (output block rows ptr) with the
-// packed operand x_tiles (tiles, cols, BT); output block rows in chunks of at least 16 rows,
-// written out together (as forward_rows does).
-template <typename T, bool TR>
-void block_forward_impl(const int64_t* ptr, const int64_t* idx, const int64_t* b_ptr,
-                        const int64_t* t_blk, const acc_t<T>* vals, const T* x_tiles, T* y,
-                        int64_t n_ob, int R, int C, int64_t cols, int64_t batch) {
+// Calls f(std::integral_constant<int, N>) with N = n for the common sizes, 0 otherwise.
+template <typename F>
+void with_size(int n, F f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
+// y (batch, n_ob * ro) = the product of the block matrix (ro x ci blocks, output block rows
+// ptr, block columns idx) with the packed operand x_tiles (tiles, cols, BT); output block rows
+// in chunks of at least 16 rows, written out together (as forward_rows does).
+template <typename T, Layout LY>
+void block_forward_impl(const int64_t* ptr, const int64_t* idx, const acc_t<T>* vals,
+                        const T* x_tiles, T* y, int64_t n_ob, int ro, int ci, int64_t cols,
+                        int64_t batch) {
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>();
-  const int ro = TR ? C : R;
   const int64_t rows = n_ob * ro, nt = n_tiles(batch, BT);
   const int64_t per = std::max<int64_t>(1, (16 + ro - 1) / ro);  // block rows per chunk
   const int64_t nc = (n_ob + per - 1) / per;
+  with_size(ci, [&](auto ci_tag) {
+    constexpr int CI = decltype(ci_tag)::value;
 #pragma omp parallel
-  {
-    std::vector<A> buffer(per * ro * BT + 64 / sizeof(A));
-    A* sums = buffer.data();
-    for (int64_t t = 0; t < nt; ++t) {
-      const T* tile = x_tiles + t * cols * BT;
-      const int width = static_cast<int>(std::min<int64_t>(BT, batch - t * BT));
+    {
+      std::vector<A> buffer(per * ro * BT);
+      A* sums = buffer.data();
+      for (int64_t t = 0; t < nt; ++t) {
+        const T* tile = x_tiles + t * cols * BT;
+        const int width = static_cast<int>(std::min<int64_t>(BT, batch - t * BT));
 #pragma omp for schedule(dynamic, 1) nowait
-      for (int64_t c = 0; c < nc; ++c) {
-        const int64_t ob0 = c * per, ob1 = std::min(n_ob, ob0 + per);
-        for (int64_t ob = ob0; ob < ob1; ++ob)
-          block_row_sums<T, TR>(tile, vals, ptr, idx, b_ptr, t_blk, ob, R, C,
-                                sums + (ob - ob0) * ro * BT);
-        const int64_t r0 = ob0 * ro;
-        const int n = static_cast<int>((ob1 - ob0) * ro);
-        for (int b = 0; b < width; ++b) {
-          T* out = y + (t * BT + b) * rows + r0;
-          for (int i = 0; i < n; ++i) out[i] = static_cast<T>(sums[i * BT + b]);
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t ob0 = c * per, ob1 = std::min(n_ob, ob0 + per);
+          for (int64_t ob = ob0; ob < ob1; ++ob)
+            block_row_sums<T, CI, LY>(tile, vals, ptr, idx, ob, ro, ci,
+                                      sums + (ob - ob0) * ro * BT);
+          const int64_t r0 = ob0 * ro;
+          const int n = static_cast<int>((ob1 - ob0) * ro);
+          for (int b = 0; b < width; ++b) {
+            T* out = y + (t * BT + b) * rows + r0;
+            for (int i = 0; i < n; ++i) out[i] = static_cast<T>(sums[i * BT + b]);
+          }
         }
       }
+    }
+  });
+}
+
+// The input gradient grad_x = grad_y W by scattering along W's rows: a group of RG rows of a
+// block row keeps its RG gradient slices (part of a tile) in registers, and every block adds
+// their weighted sum to the C slices of grad_x it touches (one load and one store of a grad_x
+// slice for RG multiply-adds; W's values read in their own order). Work items are (tile, range
+// of block columns), so that no two threads add to one slice; grad_x is summed in the sum type,
+// tile-major, and unpacked (rounded once) at the end.
+template <typename T, int RG, int NV, int CI>
+void scatter_group(const T* g_tile, const acc_t<T>* vals, const int64_t* b_ptr,
+                   const int64_t* b_col, int64_t br, int i0, int part, int R, int C, int64_t k0,
+                   int64_t k1, acc_t<T>* gx_tile) {
+  using V = vec_t<T>;
+  constexpr int L = lanes<T>(), BT = tile_width<T>();
+  const int nc = CI > 0 ? CI : C;
+  V gv[RG][NV];
+  for (int i = 0; i < RG; ++i)
+    for (int n = 0; n < NV; ++n)
+      gv[i][n] = vload(g_tile + (br * R + i0 + i) * BT + part * NV * L + n * L);
+  const int64_t nb = b_ptr[br + 1] - b_ptr[br], si = nb * C;
+  const acc_t<T>* v0 = vals + int64_t(R) * C * b_ptr[br] + i0 * si;
+  for (int64_t k = k0; k < k1; ++k) {
+    const acc_t<T>* v = v0 + (k - b_ptr[br]) * C;
+    acc_t<T>* o = gx_tile + b_col[k] * C * BT + part * NV * L;
+#pragma GCC unroll 16
+    for (int c = 0; c < nc; ++c) {
+      V acc[NV];
+      for (int n = 0; n < NV; ++n) std::memcpy(&acc[n], o + c * BT + n * L, sizeof(V));
+#pragma GCC unroll 16
+      for (int i = 0; i < RG; ++i) {
+        const acc_t<T> w = v[i * si + c];
+#pragma GCC unroll 4
+        for (int n = 0; n < NV; ++n) acc[n] += w * gv[i][n];
+      }
+      for (int n = 0; n < NV; ++n) std::memcpy(o + c * BT + n * L, &acc[n], sizeof(V));
     }
   }
 }
 
-// The sums of up to 16 vectors s[q] (their lanes), into out[0 .. m-1].
+template <typename T>
+void block_input_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const acc_t<T>* vals,
+                           const T* gy_tiles, acc_t<T>* gx_tiles, int64_t nbr, int R, int C,
+                           int64_t cols, int64_t batch) {
+  using A = acc_t<T>;
+  constexpr int BT = tile_width<T>(), NT = BT / lanes<T>();
+  const int64_t rows = nbr * R, nt = n_tiles(batch, BT), nbc = cols / C;
+  const int64_t ranges = std::min<int64_t>(
+      nbc, std::max<int64_t>(1, (2 * omp_get_max_threads() + nt - 1) / nt));
+  with_size(C, [&](auto c_tag) {
+    constexpr int CI = decltype(c_tag)::value;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t item = 0; item < nt * ranges; ++item) {
+      const int64_t t = item / ranges, range = item % ranges;
+      const int64_t bc0 = nbc * range / ranges, bc1 = nbc * (range + 1) / ranges;
+      const T* g_tile = gy_tiles + t * rows * BT;
+      A* gx_tile = gx_tiles + t * cols * BT;
+      std::fill(gx_tile + bc0 * C * BT, gx_tile + bc1 * C * BT, A(0));
+      for (int64_t br = 0; br < nbr; ++br) {
+        const int64_t* first = b_col + b_ptr[br];
+        const int64_t* last = b_col + b_ptr[br + 1];
+        const int64_t k0 = std::lower_bound(first, last, bc0) - b_col;
+        const int64_t k1 = std::lower_bound(b_col + k0, last, bc1) - b_col;
+        if (k0 == k1) continue;
+        int i0 = 0;
+        auto run = [&](auto rg_tag) {
+          constexpr int RG = decltype(rg_tag)::value;
+          constexpr int NV = std::max(1, std::min(NT, 16 / RG));
+          for (; R - i0 >= RG; i0 += RG)
+            for (int part = 0; part < NT / NV; ++part)
+              scatter_group<T, RG, NV, CI>(g_tile, vals, b_ptr, b_col, br, i0, part, R, C, k0,
+                                           k1, gx_tile);
+        };
+        run(std::integral_constant<int, 16>{});
+        run(std::integral_constant<int, 8>{});
+        run(std::integral_constant<int, 4>{});
+        run(std::integral_constant<int, 2>{});
+        run(std::integral_constant<int, 1>{});
+      }
+    }
+  });
+}
+
+// W's values in W^T's block order, each C x R block of W^T whole and row-major.
+template <typename A>
+void gather_transposed(const A* vals, const int64_t* b_ptr, const int64_t* t_brow,
+                       const int64_t* t_blk, int64_t n_blocks, int R, int C, A* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t kt = 0; kt < n_blocks; ++kt) {
+    const int64_t br = t_brow[kt], nb = b_ptr[br + 1] - b_ptr[br];
+    const A* v = vals + int64_t(R) * C * b_ptr[br] + (t_blk[kt] - b_ptr[br]) * C;
+    A* o = out + kt * R * C;
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < C; ++c) o[c * R + i] = v[i * nb * C + c];
+  }
+}
+
+// The sums of up to 16 vectors s[q] (their lanes), into out[0 .. 15].
 template <typename V, typename A>
-inline void reduce_lanes(V* s, int m, A* out) {
+inline void reduce_lanes(V* s, A* out) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<A, float>) {
-    for (int q = m; q < 16; ++q) s[q] = V{};
     __m512 w[16];
     for (int q = 0; q < 16; ++q) w[q] = (__m512)s[q];
-    alignas(64) float r[16];
-    _mm512_store_ps(r, sum16(w));
-    for (int q = 0; q < m; ++q) out[q] = r[q];
+    _mm512_storeu_ps(out, sum16(w));
     return;
   }
 #endif
-  for (int q = 0; q < m; ++q) {
+  for (int q = 0; q < 16; ++q) {
     A total = 0;
     for (int l = 0; l < int(sizeof(V) / sizeof(A)); ++l) total += s[q][l];
     out[q] = total;
   }
 }
 
-// grad (in W's value order) = grad_y^T x at the active blocks. A block's R*C sums go in groups
-// of 16 (row-major within the block); each sum runs over every tile in registers before the
-// lanes are reduced, once.
+// Weight gradient of rows i0 .. i0+RG-1 of block row br at its columns m0 .. m0+m-1 (m <= Q,
+// in the block row's order): RG*Q <= 16 sums, each over every tile in registers, then the lanes
+// of all reduced at once. One load of an input slice serves RG rows, one of a gradient slice
+// Q columns.
+template <typename T, int RG, int Q>
+void weight_grad_group(const T* gy_tiles, const T* x_tiles, const int64_t* col_of, int m,
+                       int64_t r0, int64_t rows, int64_t cols, int64_t nt, acc_t<T>* grad,
+                       int64_t row_stride) {
+  using A = acc_t<T>;
+  using V = vec_t<T>;
+  constexpr int BT = tile_width<T>(), L = lanes<T>(), NT = BT / L;
+  V s[16];
+  for (int q = 0; q < 16; ++q) s[q] = V{};
+  int64_t xc[Q];
+  for (int q = 0; q < Q; ++q) xc[q] = col_of[q < m ? q : 0] * BT;  // spares repeat column 0
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* g = gy_tiles + (t * rows + r0) * BT;
+    const T* x = x_tiles + t * cols * BT;
+#pragma GCC unroll 4
+    for (int n = 0; n < NT; ++n) {
+      V xv[Q];
+#pragma GCC unroll 16
+      for (int q = 0; q < Q; ++q) xv[q] = vload(x + xc[q] + n * L);
+#pragma GCC unroll 16
+      for (int i = 0; i < RG; ++i) {
+        const V gv = vload(g + i * BT + n * L);
+#pragma GCC unroll 16
+        for (int q = 0; q < Q; ++q) s[i * Q + q] += gv * xv[q];
+      }
+    }
+  }
+  A out[16];
+  reduce_lanes<V, A>(s, out);
+  for (int i = 0; i < RG; ++i)
+    for (int q = 0; q < m; ++q) grad[i * row_stride + q] = out[i * Q + q];
+}
+
+// grad (in W's value order) = grad_y^T x at the active blocks, block row by block row: its
+// R rows share one list of columns, taken in groups of 16 / RG for groups of RG rows.
 template <typename T>
 void block_weight_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const T* gy_tiles,
                             const T* x_tiles, acc_t<T>* grad, int64_t nbr, int R, int C,
                             int64_t cols, int64_t batch) {
-  using A = acc_t<T>;
-  using V = vec_t<T>;
-  constexpr int BT = tile_width<T>(), L = lanes<T>(), NT = BT / L;
+  constexpr int BT = tile_width<T>();
   const int64_t rows = nbr * R, nt = n_tiles(batch, BT);
-  const int pairs = R * C;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t br = 0; br < nbr; ++br) {
-    const int64_t nb = b_ptr[br + 1] - b_ptr[br], base = int64_t(R) * C * b_ptr[br];
-    for (int64_t k = b_ptr[br]; k < b_ptr[br + 1]; ++k) {
-      const int64_t j = k - b_ptr[br], col0 = b_col[k] * C;
-      for (int p0 = 0; p0 < pairs; p0 += 16) {
-        const int m = std::min(16, pairs - p0);
-        V s[16];
-        for (int q = 0; q < 16; ++q) s[q] = V{};
-        for (int64_t t = 0; t < nt; ++t) {
-          const T* g_tile = gy_tiles + (t * rows + br * R) * BT;
-          const T* x_tile = x_tiles + (t * cols + col0) * BT;
-          for (int q = 0; q < m; ++q) {
-            const int i = (p0 + q) / C, c = (p0 + q) % C;
-            const T* g = g_tile + i * BT;
-            const T* x = x_tile + c * BT;
-            V acc = vload(g) * vload(x);
-#pragma GCC unroll 4
-            for (int n = 1; n < NT; ++n) acc += vload(g + n * L) * vload(x + n * L);
-            s[q] += acc;
-          }
-        }
-        A out[16];
-        reduce_lanes<V, A>(s, m, out);
-        for (int q = 0; q < m; ++q) {
-          const int i = (p0 + q) / C, c = (p0 + q) % C;
-          grad[base + i * nb * C + j * C + c] = out[q];
-        }
-      }
+#pragma omp parallel
+  {
+    std::vector<int64_t> col_of;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t br = 0; br < nbr; ++br) {
+      const int64_t nb = b_ptr[br + 1] - b_ptr[br], n = nb * C;
+      col_of.resize(n + 16);
+      for (int64_t j = 0; j < nb; ++j)
+        for (int c = 0; c < C; ++c) col_of[j * C + c] = b_col[b_ptr[br] + j] * C + c;
+      acc_t<T>* g0 = grad + int64_t(R) * C * b_ptr[br];
+      int i0 = 0;
+      auto run = [&](auto rg_tag) {
+        constexpr int RG = decltype(rg_tag)::value, Q = 16 / RG;
+        for (; R - i0 >= RG; i0 += RG)
+          for (int64_t m0 = 0; m0 < n; m0 += Q)
+            weight_grad_group<T, RG, Q>(gy_tiles, x_tiles, col_of.data() + m0,
+                                        static_cast<int>(std::min<int64_t>(Q, n - m0)),
+                                        br * R + i0, rows, cols, nt, g0 + i0 * n + m0, n);
+      };
+      run(std::integral_constant<int, 16>{});
+      run(std::integral_constant<int, 8>{});
+      run(std::integral_constant<int, 4>{});
+      run(std::integral_constant<int, 2>{});
+      run(std::integral_constant<int, 1>{});
     }
   }
 }
@@ -767,17 +904,17 @@ torch::Tensor block_forward(torch::Tensor b_ptr, torch::Tensor b_col, torch::Ten
   const int64_t nbr = b_ptr.numel() - 1;
   auto y = torch::empty({batch, nbr * R}, x_tiles.options());
   ST_DISPATCH(values.scalar_type(), "block_forward", [&] {
-    block_forward_impl<scalar_t, false>(b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(),
-                                        b_ptr.data_ptr<int64_t>(), nullptr,
-                                        acc_values.data_ptr<acc_t<scalar_t>>(),
-                                        x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), nbr,
-                                        R, C, cols, batch);
+    block_forward_impl<scalar_t, Layout::W>(b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(),
+                                            acc_values.data_ptr<acc_t<scalar_t>>(),
+                                            x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                            nbr, R, C, cols, batch);
   });
   return y;
 }
 
 // grad_x = grad_y W, (batch, cols): the product of W^T (block columns t_ptr of W, their block
-// rows t_brow and block ordinals t_blk), W's values read in place; grad_y packed
+// rows t_brow and block ordinals t_blk), W's values gathered into W^T's block order; grad_y
+// packed
 torch::Tensor block_input_grad(torch::Tensor t_ptr, torch::Tensor t_brow, torch::Tensor t_blk,
                                torch::Tensor b_ptr, torch::Tensor values, torch::Tensor gy_tiles,
                                int64_t R, int64_t C, int64_t batch) {
@@ -789,12 +926,39 @@ torch::Tensor block_input_grad(torch::Tensor t_ptr, torch::Tensor t_brow, torch:
   TORCH_CHECK(t_brow.numel() == t_blk.numel(), "block_input_grad: t_brow and t_blk differ");
   const auto acc_values = block_values(values, b_ptr, R, C, "block_input_grad");
   auto gx = torch::empty({batch, nbc * C}, gy_tiles.options());
+  auto values_t = torch::empty_like(acc_values);
   ST_DISPATCH(values.scalar_type(), "block_input_grad", [&] {
-    block_forward_impl<scalar_t, true>(t_ptr.data_ptr<int64_t>(), t_brow.data_ptr<int64_t>(),
-                                       b_ptr.data_ptr<int64_t>(), t_blk.data_ptr<int64_t>(),
-                                       acc_values.data_ptr<acc_t<scalar_t>>(),
-                                       gy_tiles.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), nbc,
-                                       R, C, nbr * R, batch);
+    using A = acc_t<scalar_t>;
+    gather_transposed<A>(acc_values.data_ptr<A>(), b_ptr.data_ptr<int64_t>(),
+                         t_brow.data_ptr<int64_t>(), t_blk.data_ptr<int64_t>(), t_blk.numel(), R,
+                         C, values_t.data_ptr<A>());
+    block_forward_impl<scalar_t, Layout::BSR>(t_ptr.data_ptr<int64_t>(),
+                                              t_brow.data_ptr<int64_t>(), values_t.data_ptr<A>(),
+                                              gy_tiles.data_ptr<scalar_t>(),
+                                              gx.data_ptr<scalar_t>(), nbc, C, R, nbr * R, batch);
+  });
+  return gx;
+}
+
+// grad_x = grad_y W by scattering along W's rows, (batch, cols); grad_y packed
+torch::Tensor block_input_grad_rows(torch::Tensor b_ptr, torch::Tensor b_col,
+                                    torch::Tensor values, torch::Tensor gy_tiles, int64_t R,
+                                    int64_t C, int64_t cols, int64_t batch) {
+  check_blocks(b_ptr, b_col, "block_input_grad_rows");
+  const int64_t nbr = b_ptr.numel() - 1;
+  check_tiles(gy_tiles, nbr * R, "block_input_grad_rows");
+  check_same(values, gy_tiles, "block_input_grad_rows");
+  TORCH_CHECK(cols % C == 0, "block_input_grad_rows: ", cols, " inputs, blocks ", C, " wide");
+  const auto acc_values = block_values(values, b_ptr, R, C, "block_input_grad_rows");
+  auto gx_tiles = torch::empty({gy_tiles.size(0), cols, gy_tiles.size(2)},
+                               gy_tiles.options().dtype(acc_values.scalar_type()));
+  auto gx = torch::empty({batch, cols}, gy_tiles.options());
+  ST_DISPATCH(values.scalar_type(), "block_input_grad_rows", [&] {
+    using A = acc_t<scalar_t>;
+    block_input_grad_impl<scalar_t>(b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(),
+                                    acc_values.data_ptr<A>(), gy_tiles.data_ptr<scalar_t>(),
+                                    gx_tiles.data_ptr<A>(), nbr, R, C, cols, batch);
+    from_tiles<A, scalar_t>(gx_tiles.data_ptr<A>(), gx.data_ptr<scalar_t>(), batch, cols);
   });
   return gx;
 }
@@ -873,6 +1037,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("csr_weight_grad", &csr_weight_grad, "grad_y^T x at the non-zeros of W, both packed");
   m.def("block_forward", &block_forward, "x W^T for W in R x C blocks, x packed");
   m.def("block_input_grad", &block_input_grad, "grad_y W for W in R x C blocks, grad_y packed");
+  m.def("block_input_grad_rows", &block_input_grad_rows, "grad_y W for W in blocks, by rows");
   m.def("block_weight_grad", &block_weight_grad, "grad_y^T x at W's blocks, both packed");
   m.def("zero_inactive", &zero_inactive, "tensor[~active] = 0, in place");
   m.def("candidates_at_least", &candidates_at_least, "entries of a score block at least a threshold");
