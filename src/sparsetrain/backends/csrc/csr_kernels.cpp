@@ -53,6 +53,38 @@ int64_t n_tiles(int64_t batch, int bt) { return (batch + bt - 1) / bt; }
 // Packing and unpacking go through blocks of FB features x BT examples, small enough for L1.
 constexpr int FB = 16;
 
+#if defined(__AVX512F__)
+// 16 x 16 floats: row k of `in` (k = 0..15, `in_stride` apart) becomes column k of `out`
+// (rows `out_stride` apart), through registers.
+inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+  __m512 r[16], t[16];
+  for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(in + k * in_stride);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4i + j], 128-bit lane l: rows 4i .. 4i+3 of column 4l + j
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44);
+    const __m512 b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512 d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+    _mm512_storeu_ps(out + j * out_stride, _mm512_shuffle_f32x4(a, c, 0x88));
+    _mm512_storeu_ps(out + (4 + j) * out_stride, _mm512_shuffle_f32x4(a, c, 0xDD));
+    _mm512_storeu_ps(out + (8 + j) * out_stride, _mm512_shuffle_f32x4(b, d, 0x88));
+    _mm512_storeu_ps(out + (12 + j) * out_stride, _mm512_shuffle_f32x4(b, d, 0xDD));
+  }
+}
+#endif
+
 // (batch, feat) row-major -> (tiles, feat, BT), zero-padded
 template <typename T>
 void to_tiles(const T* x, T* tiles, int64_t batch, int64_t feat) {
@@ -64,7 +96,15 @@ void to_tiles(const T* x, T* tiles, int64_t batch, int64_t feat) {
       const int width = static_cast<int>(std::min<int64_t>(BT, batch - t * BT));
       const int64_t f0 = fb * FB, f1 = std::min(feat, f0 + FB);
       T* out = tiles + t * feat * BT;
-      for (int b = 0; b < width; ++b) {
+      int b = 0;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {  // whole 16 x 16 squares through registers
+        if (f1 - f0 == 16)
+          for (; b + 16 <= width; b += 16)
+            transpose16(x + (t * BT + b) * feat + f0, feat, out + f0 * BT + b, BT);
+      }
+#endif
+      for (; b < width; ++b) {
         const T* in = x + (t * BT + b) * feat;
         for (int64_t f = f0; f < f1; ++f) out[f * BT + b] = in[f];
       }
@@ -84,7 +124,15 @@ void from_tiles(const In* tiles, Out* x, int64_t batch, int64_t feat) {
       const int width = static_cast<int>(std::min<int64_t>(BT, batch - t * BT));
       const int64_t f0 = fb * FB, f1 = std::min(feat, f0 + FB);
       const In* in = tiles + t * feat * BT;
-      for (int b = 0; b < width; ++b) {
+      int b = 0;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<In, float> && std::is_same_v<Out, float>) {
+        if (f1 - f0 == 16)
+          for (; b + 16 <= width; b += 16)
+            transpose16(in + f0 * BT + b, BT, x + (t * BT + b) * feat + f0, feat);
+      }
+#endif
+      for (; b < width; ++b) {
         Out* out = x + (t * BT + b) * feat;
         for (int64_t f = f0; f < f1; ++f) out[f] = static_cast<Out>(in[f * BT + b]);
       }
