@@ -251,3 +251,19 @@ def test_trains_like_a_masked_linear(block, kernels):
         assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)
         first = first or losses[0]
     assert losses[0] < 0.1 * first  # it learned
+
+
+@quiet
+@pytest.mark.parametrize("block", [(4, 1), (1, 4)])
+def test_empty_layers_and_empty_batches(block, kernels):
+    empty = CSRLinear(torch.randn(8, 8), torch.zeros(8, 8, dtype=torch.bool), torch.zeros(8))
+    empty.set_block_shape(block)
+    x = torch.randn(3, 8, requires_grad=True)
+    empty(x).sum().backward()
+    assert empty(x).abs().sum() == 0 and x.grad.abs().sum() == 0
+    layer, _, _ = block_layer(block, out_f=8, in_f=8)
+    x = torch.randn(0, 8, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 8) and x.grad.shape == (0, 8)
+    assert torch.equal(layer.values.grad, torch.zeros_like(layer.values))

@@ -655,6 +655,7 @@ void block_input_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const acc
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>(), NT = BT / lanes<T>();
   const int64_t rows = nbr * R, nt = n_tiles(batch, BT), nbc = cols / C;
+  if (nt == 0 || nbc == 0) return;
   const int64_t ranges = std::min<int64_t>(
       nbc, std::max<int64_t>(1, (2 * omp_get_max_threads() + nt - 1) / nt));
   with_size(C, [&](auto c_tag) {
