@@ -140,6 +140,27 @@ void from_tiles(const In* tiles, Out* x, int64_t batch, int64_t feat) {
   }
 }
 
+// The sums of n rows (row i at sums[i * BT .. + width]) written into y, whose rows (one a batch
+// example) are `rows` apart: 16 x 16 squares through register transposes for float32.
+template <typename T, typename A>
+inline void write_rows(const A* sums, int n, int width, T* y, int64_t rows) {
+  constexpr int BT = tile_width<T>();
+  int i0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    for (; i0 + 16 <= n; i0 += 16) {
+      int b = 0;
+      for (; b + 16 <= width; b += 16)
+        transpose16(sums + i0 * BT + b, BT, y + b * rows + i0, rows);
+      for (; b < width; ++b)
+        for (int i = i0; i < i0 + 16; ++i) y[b * rows + i] = sums[i * BT + b];
+    }
+  }
+#endif
+  for (int b = 0; b < width; ++b)
+    for (int i = i0; i < n; ++i) y[b * rows + i] = static_cast<T>(sums[i * BT + b]);
+}
+
 // The forward product's frame: rows in chunks of RC, each row's BT sums (row_sums(tile, r,
 // sums)) kept in a small buffer, and the chunk written into y (batch, rows) row-major at once.
 constexpr int RC = 16;
@@ -161,10 +182,7 @@ void forward_rows(const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t ba
         const int64_t r0 = c * RC;
         const int n = static_cast<int>(std::min<int64_t>(RC, rows - r0));
         for (int i = 0; i < n; ++i) row_sums(tile, r0 + i, sums[i]);
-        for (int b = 0; b < width; ++b) {
-          T* out = y + (t * BT + b) * rows + r0;
-          for (int i = 0; i < n; ++i) out[i] = static_cast<T>(sums[i][b]);
-        }
+        write_rows<T, A>(&sums[0][0], n, width, y + t * BT * rows + r0, rows);
       }
     }
   }
@@ -601,10 +619,7 @@ void block_forward_impl(const int64_t* ptr, const int64_t* idx, const acc_t<T>* 
                                       sums + (ob - ob0) * ro * BT);
           const int64_t r0 = ob0 * ro;
           const int n = static_cast<int>((ob1 - ob0) * ro);
-          for (int b = 0; b < width; ++b) {
-            T* out = y + (t * BT + b) * rows + r0;
-            for (int i = 0; i < n; ++i) out[i] = static_cast<T>(sums[i * BT + b]);
-          }
+          write_rows<T, A>(sums, n, width, y + t * BT * rows + r0, rows);
         }
       }
     }
