@@ -62,6 +62,7 @@ def test_products_equal_the_dense_ones(block, batch, kernels):
     torch.testing.assert_close(y, x.detach() @ w.t() + lin.bias.detach())
     torch.testing.assert_close(x.grad, gy @ w)
     torch.testing.assert_close(layer.values.grad, (gy.t() @ x.detach())[mask])
+    torch.testing.assert_close(layer.bias.grad, gy.sum(0))
 
 
 @pytest.mark.parametrize("block", [(2, 1), (1, 2), (2, 2)])
@@ -72,7 +73,10 @@ def test_gradcheck_in_float64(block):
     args = [layer.crow, layer.col, *(getattr(layer, k) for k in BLOCK_KEYS), *block, 6, -1]
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     values = layer.values.detach().clone().requires_grad_()
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, v: block_linear(a, v, *args)[0], (x, values))
+    assert torch.autograd.gradcheck(lambda a, v, b: block_linear(a, v, *args, b)[0],
+                                    (x, values, bias))
 
 
 @quiet

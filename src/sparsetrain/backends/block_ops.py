@@ -24,6 +24,8 @@ for RigL works as for :func:`.csr_ops.csr_linear`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -88,23 +90,29 @@ def _dims(b_ptr: Tensor, block_rows: int) -> int:
 @torch.library.custom_op("sparsetrain::block_linear", mutates_args=())
 def block_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, b_ptr: Tensor,
                  b_col: Tensor, t_ptr: Tensor, t_brow: Tensor, t_blk: Tensor, block_rows: int,
-                 block_cols: int, in_features: int, layer: int) -> tuple[Tensor, Tensor]:
-    """``(x W^T, saved)`` for a weight in ``block_rows x block_cols`` blocks; ``crow`` and
-    ``col`` serve the fallback, ``layer`` is a handle from :func:`.csr_ops.register_layer`."""
+                 block_cols: int, in_features: int, layer: int,
+                 bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(x W^T + bias, saved)`` for a weight in ``block_rows x block_cols`` blocks (the bias,
+    in ``x``'s dtype, added as the kernel writes ``y``); ``crow`` and ``col`` serve the
+    fallback, ``layer`` is a handle from :func:`.csr_ops.register_layer`."""
     _check(x, values, crow, col, in_features)
+    if bias is not None and (bias.shape != (_dims(b_ptr, block_rows),) or bias.dtype != x.dtype):
+        raise ValueError(f"block_linear: bias of shape ({_dims(b_ptr, block_rows)},) in "
+                         f"{x.dtype} expected, got {tuple(bias.shape)} in {bias.dtype}")
     if use_kernels(x):
         kernels = compiled_kernels()
         tiles = kernels.pack_rows(x)
         y = kernels.block_forward(b_ptr, b_col, values.contiguous(), tiles, block_rows,
-                                  block_cols, in_features, x.shape[0])
+                                  block_cols, in_features, x.shape[0], bias)
         return y, tiles
     empty = crow.new_empty(0)
-    return csr_linear(x, values, crow, col, empty, empty, empty, in_features, -1)
+    y, saved = csr_linear(x, values, crow, col, empty, empty, empty, in_features, -1)
+    return (y if bias is None else y.add_(bias)), saved
 
 
 @block_linear.register_fake
 def _block_linear_fake(x, values, crow, col, b_ptr, b_col, t_ptr, t_brow, t_blk, block_rows,
-                       block_cols, in_features, layer):
+                       block_cols, in_features, layer, bias=None):
     batch = x.shape[0]
     y = x.new_empty((batch, _dims(b_ptr, block_rows)))
     if use_kernels(x):
@@ -169,7 +177,7 @@ def _block_linear_backward_fake(grad_y, saved, values, crow, col, b_ptr, b_col, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, crow, col, *blocks, block_rows, block_cols, in_features, layer = inputs
+    x, values, crow, col, *blocks, block_rows, block_cols, in_features, layer, _bias = inputs
     _, saved = output
     ctx.save_for_backward(saved if use_kernels(x) else x, values, crow, col, *blocks)
     ctx.block, ctx.in_features, ctx.layer = (block_rows, block_cols), in_features, layer
@@ -181,8 +189,10 @@ def _backward(ctx, grad_y, _grad_saved):
     grad_x, grad_values = block_linear_backward(grad_y, *ctx.saved_tensors, *ctx.block,
                                                 ctx.in_features, ctx.layer, need_input,
                                                 need_values)
+    n_inputs = len(ctx.needs_input_grad)  # 13, or 14 with a bias
+    grad_bias = grad_y.sum(0) if n_inputs > 13 and ctx.needs_input_grad[13] else None
     return (grad_x if need_input else None, grad_values if need_values else None,
-            *([None] * 11))
+            *([None] * 11), grad_bias)[:n_inputs]
 
 
 block_linear.register_autograd(_backward, setup_context=_setup_context)

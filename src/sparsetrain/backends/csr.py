@@ -269,14 +269,17 @@ class CSRLinear(nn.Module):
             flat = flat.to(dtype)
         if values.dtype != dtype:
             values = values.to(dtype)  # its backward returns the gradient in the values' dtype
-        if self.block_shape is not None:
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        if self.block_shape is not None:  # the bias added as the kernel writes y
             y, _ = block_linear(flat, values, self.crow, self.col,
                                 *(getattr(self, key) for key in BLOCK_KEYS), *self.block_shape,
-                                self.in_features, self._handle)
+                                self.in_features, self._handle, bias)
         else:
             y, _ = csr_linear(flat, values, *self.structure(), self.in_features, self._handle)
-        if self.bias is not None:
-            y = y + (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
+            if bias is not None:
+                y = y + bias
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -140,11 +140,15 @@ void from_tiles(const In* tiles, Out* x, int64_t batch, int64_t feat) {
   }
 }
 
-// The sums of n rows (row i at sums[i * BT .. + width]) written into y, whose rows (one a batch
-// example) are `rows` apart: 16 x 16 squares through register transposes for float32.
+// The sums of n rows (row i at sums[i * BT .. + width]), plus bias[i] where bias is given,
+// written into y, whose rows (one a batch example) are `rows` apart: 16 x 16 squares through
+// register transposes for float32.
 template <typename T, typename A>
-inline void write_rows(const A* sums, int n, int width, T* y, int64_t rows) {
+inline void write_rows(A* sums, int n, int width, T* y, int64_t rows, const A* bias = nullptr) {
   constexpr int BT = tile_width<T>();
+  if (bias != nullptr)
+    for (int i = 0; i < n; ++i)
+      for (int b = 0; b < width; ++b) sums[i * BT + b] += bias[i];
   int i0 = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
@@ -596,7 +600,7 @@ void with_size(int n, F f) {
 template <typename T, Layout LY>
 void block_forward_impl(const int64_t* ptr, const int64_t* idx, const acc_t<T>* vals,
                         const T* x_tiles, T* y, int64_t n_ob, int ro, int ci, int64_t cols,
-                        int64_t batch) {
+                        int64_t batch, const acc_t<T>* bias = nullptr) {
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>();
   const int64_t rows = n_ob * ro, nt = n_tiles(batch, BT);
@@ -619,7 +623,8 @@ void block_forward_impl(const int64_t* ptr, const int64_t* idx, const acc_t<T>* 
                                       sums + (ob - ob0) * ro * BT);
           const int64_t r0 = ob0 * ro;
           const int n = static_cast<int>((ob1 - ob0) * ro);
-          write_rows<T, A>(sums, n, width, y + t * BT * rows + r0, rows);
+          write_rows<T, A>(sums, n, width, y + t * BT * rows + r0, rows,
+                           bias == nullptr ? nullptr : bias + r0);
         }
       }
     }
@@ -956,22 +961,29 @@ torch::Tensor block_values(torch::Tensor values, const torch::Tensor& b_ptr, int
   return values.contiguous().to(acc_type(values.scalar_type()));
 }
 
-// y = x W^T, (batch, rows), for W in R x C blocks (b_ptr, b_col), x packed
+// y = x W^T (+ bias), (batch, rows), for W in R x C blocks (b_ptr, b_col), x packed
 torch::Tensor block_forward(torch::Tensor b_ptr, torch::Tensor b_col, torch::Tensor values,
                             torch::Tensor x_tiles, int64_t R, int64_t C, int64_t cols,
-                            int64_t batch) {
+                            int64_t batch, c10::optional<torch::Tensor> bias) {
   check_blocks(b_ptr, b_col, "block_forward");
   check_tiles(x_tiles, cols, "block_forward");
   check_same(values, x_tiles, "block_forward");
   TORCH_CHECK(cols % C == 0, "block_forward: ", cols, " inputs do not hold blocks ", C, " wide");
   const auto acc_values = block_values(values, b_ptr, R, C, "block_forward");
   const int64_t nbr = b_ptr.numel() - 1;
+  torch::Tensor acc_bias;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == nbr * R, "block_forward: bias of ",
+                nbr * R, " outputs expected");
+    acc_bias = bias->contiguous().to(acc_values.scalar_type());
+  }
   auto y = torch::empty({batch, nbr * R}, x_tiles.options());
   ST_DISPATCH(values.scalar_type(), "block_forward", [&] {
-    block_forward_impl<scalar_t, Layout::W>(b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(),
-                                            acc_values.data_ptr<acc_t<scalar_t>>(),
-                                            x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                            nbr, R, C, cols, batch);
+    using A = acc_t<scalar_t>;
+    block_forward_impl<scalar_t, Layout::W>(
+        b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(), acc_values.data_ptr<A>(),
+        x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), nbr, R, C, cols, batch,
+        acc_bias.defined() ? acc_bias.data_ptr<A>() : nullptr);
   });
   return y;
 }
@@ -1099,7 +1111,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_rows", &unpack_rows, "(tiles, features, width) -> (batch, features)");
   m.def("csr_forward", &csr_forward, "x W^T for a CSR W, x packed");
   m.def("csr_weight_grad", &csr_weight_grad, "grad_y^T x at the non-zeros of W, both packed");
-  m.def("block_forward", &block_forward, "x W^T for W in R x C blocks, x packed");
+  m.def("block_forward", &block_forward, "x W^T (+ bias) for W in R x C blocks, x packed",
+        py::arg("b_ptr"), py::arg("b_col"), py::arg("values"), py::arg("x_tiles"), py::arg("R"),
+        py::arg("C"), py::arg("cols"), py::arg("batch"), py::arg("bias") = py::none());
   m.def("block_input_grad", &block_input_grad, "grad_y W for W in R x C blocks, grad_y packed");
   m.def("block_input_grad_rows", &block_input_grad_rows, "grad_y W for W in blocks, by rows");
   m.def("block_weight_grad", &block_weight_grad, "grad_y^T x at W's blocks, both packed");
