@@ -750,6 +750,7 @@ inline void reduce_lanes(V* s, A* out) {
 // Q columns.
 template <typename T, int RG, int Q>
 void weight_grad_group(const T* gy_tiles, const T* x_tiles, const int64_t* col_of, int m,
+                       const int64_t* next, int n_next,
                        int64_t r0, int64_t rows, int64_t cols, int64_t nt, acc_t<T>* grad,
                        int64_t row_stride) {
   using A = acc_t<T>;
@@ -759,6 +760,11 @@ void weight_grad_group(const T* gy_tiles, const T* x_tiles, const int64_t* col_o
   for (int q = 0; q < 16; ++q) s[q] = V{};
   int64_t xc[Q];
   for (int q = 0; q < Q; ++q) xc[q] = col_of[q < m ? q : 0] * BT;  // spares repeat column 0
+  for (int q = 0; q < n_next; ++q)  // the next group's input slices, from every tile
+    for (int64_t t = 0; t < nt; ++t) {
+      const char* p = reinterpret_cast<const char*>(x_tiles + t * cols * BT + next[q] * BT);
+      for (int off = 0; off < BT * int(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+    }
   for (int64_t t = 0; t < nt; ++t) {
     const T* g = gy_tiles + (t * rows + r0) * BT;
     const T* x = x_tiles + t * cols * BT;
@@ -806,6 +812,8 @@ void block_weight_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const T*
           for (int64_t m0 = 0; m0 < n; m0 += Q)
             weight_grad_group<T, RG, Q>(gy_tiles, x_tiles, col_of.data() + m0,
                                         static_cast<int>(std::min<int64_t>(Q, n - m0)),
+                                        col_of.data() + m0 + Q,
+                                        static_cast<int>(std::clamp<int64_t>(n - m0 - Q, 0, Q)),
                                         br * R + i0, rows, cols, nt, g0 + i0 * n + m0, n);
       };
       run(std::integral_constant<int, 16>{});
