@@ -69,7 +69,12 @@ def test_gradcheck():
     def f(x, v):
         return csr_linear(x, v, *csr.structure(), 7, -1)[0]
 
+    def with_bias(x, v, b):  # the bias added by the kernel as it writes y
+        return csr_linear(x, v, *csr.structure(), 7, -1, b)[0]
+
     assert torch.autograd.gradcheck(f, (x, values))
+    bias = torch.randn(5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(with_bias, (x, values, bias))
 
 
 def test_optimizer_trains_the_values():

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import compiled_kernels
-from .csr_ops import (_check, _fallback_backward, _record, capturing, csr_linear, tile_width,
-                      use_kernels)
+from .csr_ops import (_check, _fallback_backward, _record, capturing, check_bias, csr_linear,
+                      tile_width, use_kernels)
 
 
 def _bad(shape, block, why: str) -> ValueError:
@@ -96,9 +96,7 @@ def block_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, b_ptr: Te
     in ``x``'s dtype, added as the kernel writes ``y``); ``crow`` and ``col`` serve the
     fallback, ``layer`` is a handle from :func:`.csr_ops.register_layer`."""
     _check(x, values, crow, col, in_features)
-    if bias is not None and (bias.shape != (_dims(b_ptr, block_rows),) or bias.dtype != x.dtype):
-        raise ValueError(f"block_linear: bias of shape ({_dims(b_ptr, block_rows)},) in "
-                         f"{x.dtype} expected, got {tuple(bias.shape)} in {bias.dtype}")
+    check_bias(bias, _dims(b_ptr, block_rows), x, "block_linear")
     if use_kernels(x):
         kernels = compiled_kernels()
         tiles = kernels.pack_rows(x)
@@ -106,8 +104,7 @@ def block_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, b_ptr: Te
                                   block_cols, in_features, x.shape[0], bias)
         return y, tiles
     empty = crow.new_empty(0)
-    y, saved = csr_linear(x, values, crow, col, empty, empty, empty, in_features, -1)
-    return (y if bias is None else y.add_(bias)), saved
+    return csr_linear(x, values, crow, col, empty, empty, empty, in_features, -1, bias)
 
 
 @block_linear.register_fake

@@ -272,14 +272,13 @@ class CSRLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        if self.block_shape is not None:  # the bias added as the kernel writes y
+        if self.block_shape is not None:  # the bias added as the kernels write y
             y, _ = block_linear(flat, values, self.crow, self.col,
                                 *(getattr(self, key) for key in BLOCK_KEYS), *self.block_shape,
                                 self.in_features, self._handle, bias)
         else:
-            y, _ = csr_linear(flat, values, *self.structure(), self.in_features, self._handle)
-            if bias is not None:
-                y = y + bias
+            y, _ = csr_linear(flat, values, *self.structure(), self.in_features, self._handle,
+                              bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

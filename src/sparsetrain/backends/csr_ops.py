@@ -30,6 +30,8 @@ import itertools
 import warnings
 import weakref
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -99,27 +101,39 @@ def _check(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, in_features: in
         raise ValueError("csr_linear: crow and col must be int64")
 
 
+def check_bias(bias: Tensor | None, rows: int, x: Tensor, what: str) -> None:
+    if bias is not None and (bias.shape != (rows,) or bias.dtype != x.dtype):
+        raise ValueError(f"{what}: bias of shape ({rows},) in {x.dtype} expected, got "
+                         f"{tuple(bias.shape)} in {bias.dtype}")
+
+
 @torch.library.custom_op("sparsetrain::csr_linear", mutates_args=())
 def csr_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Tensor,
-               t_row: Tensor, t_perm: Tensor, in_features: int,
-               layer: int) -> tuple[Tensor, Tensor]:
-    """``(x W^T, saved)`` for ``x`` (batch, in_features); ``layer`` is a handle from
-    :func:`register_layer`, or -1."""
+               t_row: Tensor, t_perm: Tensor, in_features: int, layer: int,
+               bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(x W^T + bias, saved)`` for ``x`` (batch, in_features); ``layer`` is a handle from
+    :func:`register_layer`, or -1; the bias (optional, in ``x``'s dtype) is added as the kernel
+    writes ``y``."""
     _check(x, values, crow, col, in_features)
     rows, batch = crow.shape[0] - 1, x.shape[0]
+    check_bias(bias, rows, x, "csr_linear")
     if use_kernels(x):
         kernels = compiled_kernels()
         tiles = kernels.pack_rows(x)
-        y = kernels.csr_forward(crow, col, values.contiguous(), tiles, rows, in_features, batch)
+        y = kernels.csr_forward(crow, col, values.contiguous(), tiles, rows, in_features, batch,
+                                bias)
         return y, tiles
     compute = _fallback_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen already
         y_t = _csr(crow, col, values.to(compute), (rows, in_features)) @ x.t().to(compute)
+        if bias is not None:
+            y_t = y_t + bias.to(compute)[:, None]
     return y_t.t().to(x.dtype).contiguous(), x.new_empty(0)
 
 
 @csr_linear.register_fake
-def _csr_linear_fake(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer):
+def _csr_linear_fake(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer,
+                     bias=None):
     rows, batch = crow.shape[0] - 1, x.shape[0]
     y = x.new_empty((batch, rows))
     if use_kernels(x):
@@ -203,7 +217,7 @@ def _csr_linear_backward_fake(grad_y, saved, values, crow, col, t_crow, t_row, t
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, crow, col, t_crow, t_row, t_perm, in_features, layer = inputs
+    x, values, crow, col, t_crow, t_row, t_perm, in_features, layer, *_bias = inputs
     _, saved = output
     ctx.save_for_backward(saved if use_kernels(x) else x, values, crow, col, t_crow, t_row,
                           t_perm)
@@ -215,8 +229,10 @@ def _backward(ctx, grad_y, _grad_saved):
     need_input, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x, grad_values = csr_linear_backward(grad_y, *ctx.saved_tensors, ctx.in_features,
                                               ctx.layer, need_input, need_values)
+    n_inputs = len(ctx.needs_input_grad)  # 9, or 10 with a bias
+    grad_bias = grad_y.sum(0) if n_inputs > 9 and ctx.needs_input_grad[9] else None
     return (grad_x if need_input else None, grad_values if need_values else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, grad_bias)[:n_inputs]
 
 
 csr_linear.register_autograd(_backward, setup_context=_setup_context)

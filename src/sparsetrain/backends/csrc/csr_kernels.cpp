@@ -166,12 +166,13 @@ inline void write_rows(A* sums, int n, int width, T* y, int64_t rows, const A* b
 }
 
 // The forward product's frame: rows in chunks of RC, each row's BT sums (row_sums(tile, r,
-// sums)) kept in a small buffer, and the chunk written into y (batch, rows) row-major at once.
+// sums)) kept in a small buffer, and the chunk written into y (batch, rows) row-major at once,
+// plus the bias where one is given.
 constexpr int RC = 16;
 
 template <typename T, typename RowSums>
 void forward_rows(const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t batch,
-                  RowSums row_sums) {
+                  RowSums row_sums, const acc_t<T>* bias) {
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>();
   const int64_t nt = n_tiles(batch, BT), nc = (rows + RC - 1) / RC;
@@ -186,7 +187,8 @@ void forward_rows(const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t ba
         const int64_t r0 = c * RC;
         const int n = static_cast<int>(std::min<int64_t>(RC, rows - r0));
         for (int i = 0; i < n; ++i) row_sums(tile, r0 + i, sums[i]);
-        write_rows<T, A>(&sums[0][0], n, width, y + t * BT * rows + r0, rows);
+        write_rows<T, A>(&sums[0][0], n, width, y + t * BT * rows + r0, rows,
+                         bias == nullptr ? nullptr : bias + r0);
       }
     }
   }
@@ -194,7 +196,7 @@ void forward_rows(const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t ba
 
 template <typename T>
 void forward(const int64_t* crow, const int64_t* col, const acc_t<T>* values, const T* x_tiles,
-             T* y, int64_t rows, int64_t cols, int64_t batch) {
+             T* y, int64_t rows, int64_t cols, int64_t batch, const acc_t<T>* bias) {
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>();
   forward_rows<T>(x_tiles, y, rows, cols, batch, [&](const T* tile, int64_t r, A* sums) {
@@ -209,7 +211,7 @@ void forward(const int64_t* crow, const int64_t* col, const acc_t<T>* values, co
     }
 #pragma GCC unroll 64
     for (int b = 0; b < BT; ++b) sums[b] = acc[b];
-  });
+  }, bias);
 }
 
 #if defined(__AVX512F__)
@@ -299,7 +301,8 @@ inline void forward_bf16_pairs(const at::BFloat16* values, const at::BFloat16* t
 
 template <typename T>
 void forward16(const int64_t* crow, const int64_t* col, const float* values, const T* values16,
-               const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t batch) {
+               const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t batch,
+               const float* bias) {
   forward_rows<T>(x_tiles, y, rows, cols, batch, [&](const T* tile, int64_t r, float* sums) {
     __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
@@ -314,7 +317,7 @@ void forward16(const int64_t* crow, const int64_t* col, const float* values, con
     forward16_widen(values, tile, crow[r], crow[r + 1], col, a);
 #endif
     for (int i = 0; i < 4; ++i) _mm512_store_ps(sums + 16 * i, a[i]);
-  });
+  }, bias);
 }
 
 // 64 products of a non-zero (gradient row a, input column c) summed into 16 lanes.
@@ -435,15 +438,15 @@ void weight_grad(const int64_t* crow, const int64_t* col, const T* gy_tiles, con
 template <typename T>
 void forward_any(const int64_t* crow, const int64_t* col, const acc_t<T>* values,
                  const T* values16, const T* x_tiles, T* y, int64_t rows, int64_t cols,
-                 int64_t batch) {
+                 int64_t batch, const acc_t<T>* bias) {
 #if defined(__AVX512F__)
   if constexpr (is16<T>()) {
-    forward16<T>(crow, col, values, values16, x_tiles, y, rows, cols, batch);
+    forward16<T>(crow, col, values, values16, x_tiles, y, rows, cols, batch, bias);
     return;
   }
 #endif
   (void)values16;
-  forward<T>(crow, col, values, x_tiles, y, rows, cols, batch);
+  forward<T>(crow, col, values, x_tiles, y, rows, cols, batch, bias);
 }
 
 template <typename T>
@@ -923,20 +926,32 @@ torch::Tensor unpack_rows(torch::Tensor tiles, int64_t batch) {
   return x;
 }
 
-// returns y = x W^T, (batch, rows)
+// The bias of a forward product, checked and in the sum type (undefined where there is none).
+torch::Tensor sum_bias(const c10::optional<torch::Tensor>& bias, int64_t rows,
+                       at::ScalarType acc, const char* what) {
+  if (!bias.has_value() || !bias->defined()) return torch::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->numel() == rows, what, ": bias of ", rows,
+              " outputs expected");
+  return bias->contiguous().to(acc);
+}
+
+// returns y = x W^T (+ bias), (batch, rows)
 torch::Tensor csr_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor values,
-                          torch::Tensor x_tiles, int64_t rows, int64_t cols, int64_t batch) {
+                          torch::Tensor x_tiles, int64_t rows, int64_t cols, int64_t batch,
+                          c10::optional<torch::Tensor> bias) {
   check_indices(crow, col, "csr_forward");
   check_tiles(x_tiles, cols, "csr_forward");
   check_same(values, x_tiles, "csr_forward");
   values = values.contiguous();
   const auto acc_values = values.to(acc_type(values.scalar_type()));
+  const auto acc_bias = sum_bias(bias, rows, acc_values.scalar_type(), "csr_forward");
   auto y = torch::empty({batch, rows}, x_tiles.options());
   ST_DISPATCH(values.scalar_type(), "csr_forward", [&] {
+    using A = acc_t<scalar_t>;
     forward_any<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
-                          acc_values.data_ptr<acc_t<scalar_t>>(), values.data_ptr<scalar_t>(),
+                          acc_values.data_ptr<A>(), values.data_ptr<scalar_t>(),
                           x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, cols,
-                          batch);
+                          batch, acc_bias.defined() ? acc_bias.data_ptr<A>() : nullptr);
   });
   return y;
 }
@@ -979,12 +994,7 @@ torch::Tensor block_forward(torch::Tensor b_ptr, torch::Tensor b_col, torch::Ten
   TORCH_CHECK(cols % C == 0, "block_forward: ", cols, " inputs do not hold blocks ", C, " wide");
   const auto acc_values = block_values(values, b_ptr, R, C, "block_forward");
   const int64_t nbr = b_ptr.numel() - 1;
-  torch::Tensor acc_bias;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == nbr * R, "block_forward: bias of ",
-                nbr * R, " outputs expected");
-    acc_bias = bias->contiguous().to(acc_values.scalar_type());
-  }
+  const auto acc_bias = sum_bias(bias, nbr * R, acc_values.scalar_type(), "block_forward");
   auto y = torch::empty({batch, nbr * R}, x_tiles.options());
   ST_DISPATCH(values.scalar_type(), "block_forward", [&] {
     using A = acc_t<scalar_t>;
@@ -1117,7 +1127,9 @@ void zero_inactive(torch::Tensor tensor, torch::Tensor active) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_rows", &pack_rows, "(batch, features) -> (tiles, features, width)");
   m.def("unpack_rows", &unpack_rows, "(tiles, features, width) -> (batch, features)");
-  m.def("csr_forward", &csr_forward, "x W^T for a CSR W, x packed");
+  m.def("csr_forward", &csr_forward, "x W^T (+ bias) for a CSR W, x packed", py::arg("crow"),
+        py::arg("col"), py::arg("values"), py::arg("x_tiles"), py::arg("rows"), py::arg("cols"),
+        py::arg("batch"), py::arg("bias") = py::none());
   m.def("csr_weight_grad", &csr_weight_grad, "grad_y^T x at the non-zeros of W, both packed");
   m.def("block_forward", &block_forward, "x W^T (+ bias) for W in R x C blocks, x packed",
         py::arg("b_ptr"), py::arg("b_col"), py::arg("values"), py::arg("x_tiles"), py::arg("R"),
