@@ -9,17 +9,20 @@ builds what the products need:
 - ``b_ptr`` (``out / R + 1``): the block row pointers, counted in blocks;
 - ``b_col``: the block column of every block (its inputs are ``b_col * C .. + C - 1``);
 - ``t_ptr`` (``in / C + 1``), ``t_brow`` and ``t_blk``: the blocks of ``W^T`` by block column,
-  with their block row and their ordinal among ``W``'s blocks, so that the input gradient
-  gathers ``W``'s values in place.
+  with their block row and their ordinal among ``W``'s blocks (for the input gradient of
+  blocks wider than tall, which is the forward product of ``W^T``).
 
 ``sparsetrain::block_linear`` and ``sparsetrain::block_linear_backward`` are the custom
-operators (fake implementations and a registered autograd, as :mod:`.csr_ops`): on the CPU the
-OpenMP kernels of ``csrc/csr_kernels.cpp`` (one load of an input slice serves the R rows of a
-block in the forward product, one load of an output-gradient slice the C rows of ``W^T``'s
-block in the input gradient, and the weight gradient is summed per block over every tile before
-its lanes are reduced); elsewhere, or where the kernels cannot be built, the CSR operators' own
-fallback through torch's sparse operations (the same products). The capture of ``(x, grad_y)``
-for RigL works as for :func:`.csr_ops.csr_linear`.
+operators (fake implementations and a registered autograd, as :mod:`.csr_ops`). On the CPU they
+run the OpenMP kernels of ``csrc/csr_kernels.cpp``: in the forward product one load of an input
+slice serves the R rows of a block (and the bias is added as ``y`` is written); the input
+gradient runs along ``W``'s rows for blocks at least as tall as wide (a block row's R gradient
+slices in registers, added into the grad_x slices its blocks touch) and as the forward product
+of ``W^T`` otherwise (one gradient slice for the C rows of ``W^T``'s block); the weight gradient
+takes a block row's shared column list in groups of rows x columns, each sum over every tile
+before its lanes are reduced. Elsewhere, or where the kernels cannot be built, the CSR
+operators' own fallback through torch's sparse operations computes the same products. The
+capture of ``(x, grad_y)`` for RigL works as for :func:`.csr_ops.csr_linear`.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def block_structure(crow: Tensor, col: Tensor, shape, block) -> dict[str, Tensor
     group_start = torch.arange(col.numel(), device=col.device) - local % c
     if bool((col // c != col.index_select(0, group_start) // c).any()):
         raise _bad(shape, block, f"a row's weights do not come in runs of {c} aligned columns")
-    leader = crow.index_select(0, (rows // r) * r) + local  # same place in the block row's first row
+    leader = crow.index_select(0, (rows // r) * r) + local  # same place, block row's first row
     if bool((col != col.index_select(0, leader)).any()):
         raise _bad(shape, block, "the rows of a block row hold different columns")
     b_ptr = torch.div(crow[::r], r * c, rounding_mode="floor")

@@ -1,9 +1,10 @@
 """The CSR product as ``torch.library`` custom operators, so that ``torch.compile`` traces it.
 
-``sparsetrain::csr_linear(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer)
--> (y, saved)`` computes ``y = x W^T`` for the CSR weight ``W`` (rows given by ``crow``,
-columns by ``col``; ``t_crow``, ``t_row`` and ``t_perm`` give the structure of ``W^T``, see
-``CSRLinear``); ``saved`` is what its backward reads (``x`` packed in batch tiles for the
+``sparsetrain::csr_linear(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer,
+bias=None) -> (y, saved)`` computes ``y = x W^T (+ bias)`` for the CSR weight ``W`` (rows
+given by ``crow``, columns by ``col``; ``t_crow``, ``t_row`` and ``t_perm`` give the structure
+of ``W^T``, see ``CSRLinear``; the bias is added by the kernel as it writes ``y``); ``saved`` is
+what its backward reads (``x`` packed in batch tiles for the
 compiled kernels, an empty tensor otherwise). ``sparsetrain::csr_linear_backward`` gives the
 input gradient ``grad_y W`` (with the kernels: the forward product of ``W^T``) and the gradient
 of the values, ``grad_y^T x`` at the non-zeros. Both have fake (meta)

@@ -12,6 +12,9 @@
 //   csr_weight_grad  grad[k]         = sum_b gy[b, r] x[b, col[k]]      (at the non-zeros)
 // The input gradient grad_y W is csr_forward of W^T, whose structure the caller keeps (a
 // gathering product runs several times faster than scattering into the gradient).
+// Weights in aligned blocks of R x C have kernels of their own (block_forward,
+// block_input_grad(_rows), block_weight_grad: see "Block-sparse products" below), which reuse
+// each loaded slice of activations or gradients for the rows or columns of a block.
 // Activations and their gradients come and go in torch's own layout, (batch, features)
 // row-major: packing into tiles and back transposes in blocks of 16 features (in L1), and the
 // forward product collects 16 output rows before writing them out, so that no strided copy is
