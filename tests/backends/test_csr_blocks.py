@@ -155,9 +155,12 @@ def test_positions_that_do_not_tile_are_refused():
     with pytest.raises(ValueError, match="do not tile"):
         twin.load_state_dict(bad)
     assert torch.equal(twin.col, col)
+    with pytest.raises(RuntimeError, match="block shape"):
+        layer.structure()
     layer.set_block_shape(None)  # without a shape, any positions
     layer.set_positions(shifted)
     assert layer.block_shape is None and layer.t_perm.numel() == layer.nnz
+    assert layer.b_col.numel() == 0 and len(layer.structure()) == 5
 
 
 def test_set_positions_and_state_dicts_keep_the_block_products():

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import compiled_kernels
-from .csr_ops import (_check, _fallback_backward, _record, capturing, check_bias, csr_linear,
-                      tile_width, use_kernels)
+from .csr_ops import (_check, _fallback_backward, _record, _saved_fake, capturing, check_bias,
+                      csr_linear, packs, unpack, use_kernels)
 
 
 def _bad(shape, block, why: str) -> ValueError:
@@ -113,12 +113,7 @@ def block_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, b_ptr: Te
 @block_linear.register_fake
 def _block_linear_fake(x, values, crow, col, b_ptr, b_col, t_ptr, t_brow, t_blk, block_rows,
                        block_cols, in_features, layer, bias=None):
-    batch = x.shape[0]
-    y = x.new_empty((batch, _dims(b_ptr, block_rows)))
-    if use_kernels(x):
-        width = tile_width(x.dtype)
-        return y, x.new_empty(((batch + width - 1) // width, in_features, width))
-    return y, x.new_empty(0)
+    return x.new_empty((x.shape[0], _dims(b_ptr, block_rows))), _saved_fake(x, in_features)
 
 
 def _input_grad(kernels, b_ptr, b_col, t_ptr, t_brow, t_blk, values, gy_tiles, block_rows,
@@ -142,9 +137,9 @@ def block_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: T
                           t_brow: Tensor, t_blk: Tensor, block_rows: int, block_cols: int,
                           in_features: int, layer: int, need_input: bool,
                           need_values: bool) -> tuple[Tensor, Tensor]:
-    """``(grad_y W, grad_y^T x at the active blocks)``; ``saved`` is the packed ``x`` where
-    the kernels ran the forward, ``x`` itself otherwise. A gradient not needed comes back
-    empty."""
+    """``(grad_y W, grad_y^T x at the active blocks)``; ``saved`` is the packed ``x`` on
+    the CPU (see :func:`.csr_ops.packs`), ``x`` itself elsewhere. A gradient not needed comes
+    back empty."""
     batch = grad_y.shape[0]
     if use_kernels(grad_y):
         kernels = compiled_kernels()
@@ -159,10 +154,11 @@ def block_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: T
             grad_values = kernels.block_weight_grad(b_ptr, b_col, gy_tiles, saved, block_rows,
                                                     block_cols, in_features, batch)
         return grad_x, grad_values
+    x = unpack(saved, batch) if packs(grad_y) else saved
     if layer >= 0:
-        _record(layer, saved, grad_y)
+        _record(layer, x, grad_y)
     with torch.autocast(grad_y.device.type, enabled=False):  # the dtypes are chosen already
-        return _fallback_backward(grad_y, saved, values, crow, col, in_features, need_input,
+        return _fallback_backward(grad_y, x, values, crow, col, in_features, need_input,
                                   need_values)
 
 
@@ -179,7 +175,7 @@ def _block_linear_backward_fake(grad_y, saved, values, crow, col, b_ptr, b_col, 
 def _setup_context(ctx, inputs, output):
     x, values, crow, col, *blocks, block_rows, block_cols, in_features, layer, _bias = inputs
     _, saved = output
-    ctx.save_for_backward(saved if use_kernels(x) else x, values, crow, col, *blocks)
+    ctx.save_for_backward(saved if packs(x) else x, values, crow, col, *blocks)
     ctx.block, ctx.in_features, ctx.layer = (block_rows, block_cols), in_features, layer
     ctx.mark_non_differentiable(saved)
 

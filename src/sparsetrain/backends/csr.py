@@ -100,6 +100,7 @@ class CSRLinear(nn.Module):
         """A copy (``copy.deepcopy``, unpickling) gets a handle of its own, so that its backward
         passes record into its own ``capture``."""
         super().__setstate__(state)
+        self.__dict__.setdefault("block_shape", None)  # layers pickled before block shapes
         self._handle = register_layer(self)
 
     @classmethod
@@ -195,7 +196,12 @@ class CSRLinear(nn.Module):
         self.register_buffer("t_perm", perm, persistent=False)
 
     def structure(self) -> tuple[torch.Tensor, ...]:
-        """``(crow, col, t_crow, t_row, t_perm)``, as :func:`.csr_ops.csr_linear` takes them."""
+        """``(crow, col, t_crow, t_row, t_perm)``, as :func:`.csr_ops.csr_linear` takes them
+        (not kept for a layer with a block shape, whose products take its block metadata)."""
+        if self.block_shape is not None:
+            raise RuntimeError("a CSRLinear with a block shape keeps the block structure of W^T "
+                               "instead of t_crow, t_row and t_perm; call set_block_shape(None) "
+                               "first for the unstructured one")
         return self.crow, self.col, self.t_crow, self.t_row, self.t_perm
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -4,12 +4,14 @@
 bias=None) -> (y, saved)`` computes ``y = x W^T (+ bias)`` for the CSR weight ``W`` (rows
 given by ``crow``, columns by ``col``; ``t_crow``, ``t_row`` and ``t_perm`` give the structure
 of ``W^T``, see ``CSRLinear``; the bias is added by the kernel as it writes ``y``); ``saved`` is
-what its backward reads (``x`` packed in batch tiles for the
-compiled kernels, an empty tensor otherwise). ``sparsetrain::csr_linear_backward`` gives the
-input gradient ``grad_y W`` (with the kernels: the forward product of ``W^T``) and the gradient
-of the values, ``grad_y^T x`` at the non-zeros. Both have fake (meta)
-implementations, so Dynamo and AOTAutograd see them as single graph nodes with known shapes and
-strides, and the autograd formula is registered with ``register_autograd``.
+what its backward reads: on the CPU ``x`` packed in batch tiles (by the kernels, or by torch
+where they cannot be built, so that a compiled graph means the same either way: torch's graph
+caches may hand it to another process), an empty tensor elsewhere.
+``sparsetrain::csr_linear_backward`` gives the input gradient ``grad_y W`` (with the kernels:
+the forward product of ``W^T``) and the gradient of the values, ``grad_y^T x`` at the
+non-zeros. Both have fake (meta) implementations, so Dynamo and AOTAutograd see them as single
+graph nodes with known shapes and strides, and the autograd formula is registered with
+``register_autograd``.
 
 On the CPU they run the OpenMP kernels of ``csrc/csr_kernels.cpp`` in float64, float32,
 bfloat16 and float16 (the 16-bit types summed in float32 and rounded once); where the kernels
@@ -73,6 +75,33 @@ def tile_width(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float64 else 64
 
 
+def packs(x: Tensor) -> bool:
+    """Whether the forward operators save their input packed in tiles: on the CPU, whether or
+    not the kernels could be built (torch packs it where they could not), so that a compiled
+    graph, which torch's caches may hand to another process, means the same in both."""
+    return x.device.type == "cpu" and x.dtype in DTYPES
+
+
+def pack(x: Tensor) -> Tensor:
+    """``x`` (batch, features) packed in tiles (tiles, features, width), zero-padded."""
+    kernels = compiled_kernels()
+    if kernels is not None:
+        return kernels.pack_rows(x)
+    width = tile_width(x.dtype)
+    n = (x.shape[0] + width - 1) // width
+    padded = x.new_zeros((n * width, x.shape[1]))
+    padded[:x.shape[0]] = x
+    return padded.view(n, width, x.shape[1]).transpose(1, 2).contiguous()
+
+
+def unpack(tiles: Tensor, batch: int) -> Tensor:
+    """The (batch, features) rows of packed ``tiles``."""
+    kernels = compiled_kernels()
+    if kernels is not None:
+        return kernels.unpack_rows(tiles, batch)
+    return tiles.transpose(1, 2).reshape(-1, tiles.shape[1])[:batch].contiguous()
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
     with warnings.catch_warnings():  # torch calls its CSR support "beta" on first use
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -129,18 +158,21 @@ def csr_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Ten
         y_t = _csr(crow, col, values.to(compute), (rows, in_features)) @ x.t().to(compute)
         if bias is not None:
             y_t = y_t + bias.to(compute)[:, None]
-    return y_t.t().to(x.dtype).contiguous(), x.new_empty(0)
+    return y_t.t().to(x.dtype).contiguous(), pack(x) if packs(x) else x.new_empty(0)
 
 
 @csr_linear.register_fake
 def _csr_linear_fake(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer,
                      bias=None):
     rows, batch = crow.shape[0] - 1, x.shape[0]
-    y = x.new_empty((batch, rows))
-    if use_kernels(x):
+    return x.new_empty((batch, rows)), _saved_fake(x, in_features)
+
+
+def _saved_fake(x: Tensor, in_features: int) -> Tensor:
+    if packs(x):
         width = tile_width(x.dtype)
-        return y, x.new_empty(((batch + width - 1) // width, in_features, width))
-    return y, x.new_empty(0)
+        return x.new_empty(((x.shape[0] + width - 1) // width, in_features, width))
+    return x.new_empty(0)
 
 
 def capturing(layer: int) -> bool:
@@ -165,8 +197,8 @@ def csr_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Ten
                         col: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor,
                         in_features: int, layer: int, need_input: bool,
                         need_values: bool) -> tuple[Tensor, Tensor]:
-    """``(grad_y W, grad_y^T x at the non-zeros)``; ``saved`` is the packed ``x`` where the
-    kernels ran the forward, ``x`` itself otherwise. A gradient not needed comes back empty."""
+    """``(grad_y W, grad_y^T x at the non-zeros)``; ``saved`` is the packed ``x`` on the CPU
+    (see :func:`packs`), ``x`` itself elsewhere. A gradient not needed comes back empty."""
     rows, batch = crow.shape[0] - 1, grad_y.shape[0]
     if use_kernels(grad_y):
         kernels = compiled_kernels()
@@ -182,7 +214,7 @@ def csr_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Ten
             grad_values = kernels.csr_weight_grad(crow, col, gy_tiles, saved, in_features,
                                                   batch)
         return grad_x, grad_values
-    x = saved
+    x = unpack(saved, batch) if packs(grad_y) else saved
     if layer >= 0:
         _record(layer, x, grad_y)
     with torch.autocast(grad_y.device.type, enabled=False):  # the dtypes are chosen already
@@ -220,7 +252,7 @@ def _csr_linear_backward_fake(grad_y, saved, values, crow, col, t_crow, t_row, t
 def _setup_context(ctx, inputs, output):
     x, values, crow, col, t_crow, t_row, t_perm, in_features, layer, *_bias = inputs
     _, saved = output
-    ctx.save_for_backward(saved if use_kernels(x) else x, values, crow, col, t_crow, t_row,
+    ctx.save_for_backward(saved if packs(x) else x, values, crow, col, t_crow, t_row,
                           t_perm)
     ctx.in_features, ctx.layer = in_features, layer
     ctx.mark_non_differentiable(saved)
