@@ -1,7 +1,8 @@
 """The CSR backend: eligible Linear layers become ``CSRLinear``, updated in their compact form.
 
 ``backend="csr"`` converts, in place, every sparsified plain ``nn.Linear`` of the model into a
-:class:`~sparsetrain.backends.csr.CSRLinear` (see :func:`~.conversion.csr_eligibility`) and
+:class:`~sparsetrain.backends.csr.CSRLinear` (see :func:`~.conversion.csr_eligibility`; under a
+``block:RxC`` structure it computes with the block kernels of :mod:`.block_ops`) and
 hands the optimizer the layer's values parameter in place of the dense weight, with its state
 gathered at the active positions. Other sparsified weights (convolutions, embeddings, ...) stay
 masked-dense, in a :class:`~.masked.MaskedBackend` this backend delegates them to.
@@ -83,6 +84,8 @@ class CSRBackend:
         generator = torch.Generator().manual_seed(int(seed))
         for name, (parent, attr) in where.items():
             layer = self._convert(name, getattr(parent, attr), active[name], generator)
+            if structure is not None and structure.kind == "block":  # the block kernels
+                layer.set_block_shape((structure.rows, structure.cols))
             setattr(parent, attr, layer)
             self.layers[name] = layer
             self._ever[name] = layer.positions()
