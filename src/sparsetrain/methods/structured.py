@@ -49,9 +49,10 @@ def _block_order(sparsifier, name: str, purpose: int, t: int) -> RandomOrder:
     return RandomOrder(n_groups(s, shape), sparsifier.seed, purpose, t, sparsifier._index[name])
 
 
-def _grow_scores(sparsifier, block) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The block's grow scores as float64 in its matrix view ``(rows, cols)`` and the flat
-    positions of those entries, or None where a score is not finite."""
+def _grow_scores(sparsifier, block) -> torch.Tensor | None:
+    """The block's grow scores in its matrix view ``(rows, cols)`` (float32 or float64; integer
+    scores as float64, exactly), or None where a score is not finite. A Linear weight is its
+    own matrix view: no copy."""
     scores = sparsifier.grow_scores(block)
     if scores.numel() != block.hi - block.lo:
         raise ValueError(f"{type(sparsifier).__name__}.grow_scores must give a score of the "
@@ -59,8 +60,26 @@ def _grow_scores(sparsifier, block) -> tuple[torch.Tensor, torch.Tensor] | None:
     flat = comparable(scores)
     if not _finite(flat):
         return None
+    if not flat.is_floating_point():
+        flat = flat.to(torch.float64)
+    if len(block.shape) == 2:
+        return flat.view(tuple(block.shape))
     where = matrix_positions(tuple(block.shape), flat.device)
-    return flat[where.reshape(-1)].view(where.shape).to(torch.float64), where + block.lo
+    return flat[where.reshape(-1)].view(where.shape)
+
+
+def _block_positions(block, device=None) -> torch.Tensor:
+    """The flat positions of the entries of ``block``'s matrix view."""
+    if len(block.shape) == 2:
+        return torch.arange(block.lo, block.hi, device=device).view(tuple(block.shape))
+    return matrix_positions(tuple(block.shape), device) + block.lo
+
+
+def _present(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """The sorted distinct values of ``ids`` (in ``range(n)``), without a sort."""
+    mark = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    mark[ids] = True
+    return mark.nonzero().squeeze(1)
 
 
 # --- blocks -----------------------------------------------------------------------------------
@@ -101,10 +120,9 @@ def _grow_blocks(sparsifier, name: str, k: int, closed: torch.Tensor, before: to
     per_block_row = cols // s.cols
     best = -math.inf
     for block in backend.blocks(name):
-        got = _grow_scores(sparsifier, block)
-        if got is None:
+        values = _grow_scores(sparsifier, block)
+        if values is None:
             return None, None
-        values, _ = got
         rows = values.shape[0]
         pooled = values.reshape(rows // s.rows, s.rows, per_block_row, s.cols).sum((1, 3))
         pooled = pooled.reshape(-1).contiguous()
@@ -135,8 +153,8 @@ def drop_and_grow_blocks(sparsifier, name: str, n_drop: int, t: int,
     kept = keep_blocks(sparsifier, name, (n_blocks - n_drop) * size, t)
     if kept is None:
         return None, True
-    before = torch.unique_consecutive(torch.sort(group_of(s, shape, active)).values)
-    kept_blocks = torch.unique_consecutive(torch.sort(group_of(s, shape, kept)).values)
+    before = _present(group_of(s, shape, active), n_groups(s, shape))
+    kept_blocks = _present(group_of(s, shape, kept), n_groups(s, shape))
     grown, best = _grow_blocks(sparsifier, name, n_drop,
                                kept_blocks if allow_regrowth else before, before, t)
     if grown is None:
@@ -163,24 +181,25 @@ def refill_groups(sparsifier, name: str, kept: torch.Tensor, quota: int, closed:
         need[ablated.repeat_interleave(per_row)] = 0
     order = sparsifier.order(name, GROW, t)
     parts, best = [], -math.inf
-    lowest = -torch.finfo(torch.float64).max
     for block in backend.blocks(name):
-        got = _grow_scores(sparsifier, block)
-        if got is None:
+        values = _grow_scores(sparsifier, block)
+        if values is None:
             return None, None
-        values, where = got
+        where = _block_positions(block, values.device)
         g0 = block.lo // width
         groups = values.numel() // width
         flat_mark = torch.zeros(block.hi - block.lo, dtype=torch.int8)
         for positions, mark in ((before, 1), (closed, 2), (kept, 3)):
             a, b = torch.searchsorted(positions, torch.tensor([block.lo, block.hi])).tolist()
             flat_mark[positions[a:b] - block.lo] = mark
-        marks = flat_mark[(where - block.lo).reshape(-1)].view(-1, width)
-        values = values.view(-1, width)
-        free = marks == 0
-        if bool(free.any()):
-            best = max(best, float(values[free].max()))
-        values = values.masked_fill(marks == 2, lowest).masked_fill(marks == 3, -math.inf)
+        marks = (flat_mark if len(block.shape) == 2
+                 else flat_mark[(where - block.lo).reshape(-1)]).view(-1, width)
+        values = values.reshape(-1, width)  # the scores are the block's own: changed in place
+        if sparsifier.update_reads_gradient:
+            free = values.masked_fill(marks != 0, -math.inf)
+            best = max(best, float(free.max()))
+        values.masked_fill_(marks == 2, -torch.finfo(values.dtype).max)
+        values.masked_fill_(marks == 3, -math.inf)
         at = where.view(-1, width)
         chosen = top_per_group(values, need[g0:g0 + groups],
                                lambda r, c: order.rank(at[r, c]))
