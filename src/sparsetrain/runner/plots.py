@@ -82,7 +82,7 @@ def make_plots(rows: list[dict[str, Any]], runs: list[dict[str, Any]],
         if len({r.get("variant") for r in kind_rows}) > 1 and _plot_measure_vs(
                 kind_rows, m, "epoch_seconds", out_dir / name,
                 "wall-clock seconds per training epoch",
-                f"{m.name} against training time"):
+                f"{m.name} against training time", log_x=False):
             made.append((name, f"{m.label.capitalize()} against the measured wall-clock time "
                          "of a training epoch (what a structure or backend buys and costs); "
                          "error bars as above."))
@@ -124,7 +124,8 @@ def _series_label(row: dict[str, Any], several_distributions: bool) -> str:
     return method_label(row)
 
 
-def _plot_measure_vs(rows, m: Measure, x_key: str, path: Path, xlabel: str, title: str) -> bool:
+def _plot_measure_vs(rows, m: Measure, x_key: str, path: Path, xlabel: str, title: str,
+                     log_x: bool = True) -> bool:
     plt = _pyplot()
     several = len({r["distribution"] for r in rows if r["distribution"] != "-"}) > 1
     series: dict[str, list[dict]] = defaultdict(list)
@@ -145,11 +146,12 @@ def _plot_measure_vs(rows, m: Measure, x_key: str, path: Path, xlabel: str, titl
         if len(dense) == 1 and dense[0][m.std]:
             ax.axhspan(level - dense[0][m.std], level + dense[0][m.std], color="black",
                        alpha=0.08)
-    ax.set_xscale("log")
-    values = sorted({r[x_key] for items in series.values() for r in items})
-    ax.set_xticks(values)
-    ax.set_xticklabels([f"{v:.3g}" for v in values])
-    ax.minorticks_off()
+    if log_x:  # a tick at every value: densities and FLOPs are few and far apart
+        ax.set_xscale("log")
+        values = sorted({r[x_key] for items in series.values() for r in items})
+        ax.set_xticks(values)
+        ax.set_xticklabels([f"{v:.3g}" for v in values])
+        ax.minorticks_off()
     _decorate(ax, xlabel, m.label, title)
     return _save(fig, path)
 
