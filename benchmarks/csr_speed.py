@@ -52,15 +52,20 @@ def mlp(widths, device=None) -> nn.Sequential:
 
 
 def make_run(widths, density: float | None, total_steps: int, delta_t: int, device=None,
-             distribution="uniform"):
-    """(model, optimizer, sparsifier or None) for dense (``density`` None) or CSR RigL."""
+             distribution="uniform", structure=None):
+    """(model, optimizer, sparsifier or None) for dense (``density`` None) or CSR RigL (under
+    ``structure``, with the classifier dense)."""
     model = mlp(widths, device=device)
+    if structure is not None:  # the classifier stays dense, so it must exist
+        model[-1] = nn.Linear(widths[-2], widths[-1])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sp = None
     if density is not None:
+        extra = {} if structure is None else {
+            "structure": structure, "dense_layers": [f"{2 * (len(widths) - 2)}.weight"]}
         sp = st.RigL(model, opt, density=density, distribution=distribution,
                      total_steps=total_steps, delta_t=delta_t, t_end=total_steps,
-                     backend="csr")
+                     backend="csr", **extra)
     return model, opt, sp
 
 
@@ -89,7 +94,8 @@ def child(config: dict) -> dict:
     dist = config.get("distribution", "uniform")
     device = "meta" if config.get("meta") else None
     start = time.perf_counter()
-    model, opt, sp = make_run(config["widths"], density, 1000, config["delta_t"], device, dist)
+    model, opt, sp = make_run(config["widths"], density, 1000, config["delta_t"], device, dist,
+                              config.get("structure"))
     build_s = time.perf_counter() - start
     times = [step(model, opt, sp, x, y)]
     steady = anon.peak - anon.base  # before any topology update (delta_t >= 2)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from _common import write_result
-from csr_speed import WIDTHS, mlp, step
+from csr_speed import WIDTHS, mlp, run_child, step
 
 import sparsetrain as st
 from sparsetrain.backends.csr import compiled_kernels
@@ -123,8 +123,32 @@ def main(argv=None) -> int:
         lines.append(f"| {density} | {best['structure']} | {best['speedup']:.2f}x | "
                      f"{f'{target:g}x' if target else '-'} | "
                      f"{'-' if not target else ('yes' if best['speedup'] >= target else 'no')} |")
+    if not args.quick:
+        lines += memory_lines(args.densities, args.batch)
     write_result(lines, args.out)
     return 0
+
+
+def memory_lines(densities, batch: int) -> list[str]:
+    """Peak memory of each structure alone in a child process (``csr_speed.py``'s measure)."""
+    config = {"widths": list(WIDTHS), "batch": batch, "steps": 4, "delta_t": 2}
+    dense = run_child({**config, "density": None})
+    lines = ["", "## Peak memory", "",
+             "As in `csr_speed.md`: each run alone in a child process, 4 steps with RigL updates "
+             "at steps 2 and 4, the sparse model built on the meta device; peak anonymous "
+             "resident memory above the process's level before the model, as a fraction of "
+             f"dense ({dense['steady_mb']:.0f} MB training, {dense['anon_peak_mb']:.0f} MB "
+             "with updates). The classifier is dense in the structured runs.", "",
+             "| structure | density | training, fraction of dense | with updates, fraction "
+             "of dense |", "|---|---:|---:|---:|"]
+    for density in densities:
+        for structure in (None, "fan-in", "block:4x4", "block:8x1"):
+            m = run_child({**config, "density": density, "meta": True, "structure": structure})
+            lines.append(f"| {structure or 'unstructured'} | {density} | "
+                         f"{m['steady_mb'] / dense['steady_mb']:.3f} | "
+                         f"{m['anon_peak_mb'] / dense['anon_peak_mb']:.3f} |")
+            print(f"memory {structure} {density}: {m['anon_peak_mb']:.0f} MB", file=sys.stderr)
+    return lines
 
 
 if __name__ == "__main__":

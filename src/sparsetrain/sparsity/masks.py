@@ -8,10 +8,15 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .groups import (group_positions, group_width, matrix_positions, matrix_shape, n_groups,
+                     top_per_group)
 from .permutation import INIT, RandomOrder
 from .positions import check_positions, positions_of
-from .structure import Structure, count_for, fixed_count, structured_top_k
+from .structure import Structure, count_for, fixed_count
 from .targets import Target
+
+#: Entries of a layer whose random ranks are computed at once for a structured initial set.
+CHUNK = 1 << 20
 
 
 def active_count(numel: int, density: float) -> int:
@@ -35,12 +40,54 @@ def initial_positions(numel: int, count: int, seed: int, layer: int,
 def structured_initial_positions(structure: Structure, shape: tuple[int, ...], count: int,
                                  seed: int, layer: int, device=None) -> torch.Tensor:
     """The random initial active set of layer ``layer`` within ``structure``: ``count`` (which
-    the structure must hold) positions, uniformly random among the sets it allows (every group
-    or block equally likely; the same random order as the unstructured draw)."""
-    numel = math.prod(shape)
-    order = RandomOrder(numel, seed, INIT, layer)
-    scores = -order.rank(torch.arange(numel, device=device)).to(torch.float64)
-    return structured_top_k(structure, scores.view(shape), count, order.rank)
+    the structure must hold) positions, uniformly random among the sets it allows. Blocks: the
+    first blocks of a random order of the blocks. Rows and groups: in each, the positions
+    first in the layer's random order, computed a chunk of rows at a time (memory of the
+    active set and one chunk, never of the whole layer)."""
+    groups = n_groups(structure, shape)
+    if count % (groups if structure.kind != "block" else structure.rows * structure.cols):
+        raise ValueError(f"{structure} cannot hold {count} active weights of a {shape} weight")
+    if structure.kind == "block":
+        order = RandomOrder(groups, seed, INIT, layer)
+        return group_positions(structure, shape, order.first(count // (structure.rows
+                                                                       * structure.cols),
+                                                             device=device))
+    order = RandomOrder(math.prod(shape), seed, INIT, layer)
+    rows, cols = matrix_shape(shape)
+    width = group_width(structure, shape)
+    per_group = count // groups
+    if structure.kind == "fan-in":
+        return _first_per_row(order, rows, cols, per_group, device)
+    step = max(1, CHUNK // cols)
+    parts = []
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        sub = (r1 - r0, *shape[1:])
+        at = (matrix_positions(sub, device) + r0 * cols).reshape(-1, width)
+        ranks = order.rank(at.reshape(-1)).view(at.shape)
+        need = torch.full((at.shape[0],), per_group, dtype=torch.int64)
+        chosen = top_per_group(-ranks.to(torch.float64), need, lambda r, c: ranks[r, c])
+        parts.append(torch.sort(at[chosen]).values)
+    return torch.cat(parts)
+
+
+def _first_per_row(order: RandomOrder, rows: int, cols: int, k: int, device) -> torch.Tensor:
+    """In every row of a ``rows x cols`` layer the ``k`` positions first in ``order``, sorted:
+    the first ``m`` positions of the order, with ``m`` doubled until every row has ``k`` of
+    them (within a row they come in the order's order, so its first ``k`` among them are its
+    first ``k`` of all). About 1.3 x ``rows * k`` positions are drawn, not the layer."""
+    m = min(rows * cols, math.ceil(1.3 * rows * k) + 1024)
+    while True:
+        drawn = order.position(torch.arange(m, device=device))  # in the order's order
+        row = torch.div(drawn, cols, rounding_mode="floor")
+        if m == rows * cols or int(torch.bincount(row, minlength=rows).min()) >= k:
+            break
+        m = min(rows * cols, 2 * m)
+    by_row = torch.sort(row, stable=True).indices  # the drawn positions only
+    row = row[by_row]
+    first = torch.searchsorted(row, torch.arange(rows, device=row.device))
+    rank_in_row = torch.arange(m, device=row.device) - first[row]
+    return torch.sort(drawn[by_row][rank_in_row < k]).values
 
 
 def initial_active(targets: Sequence[Target], densities: Mapping[str, float], seed: int,
