@@ -18,10 +18,17 @@ import math
 
 import torch
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
-if TYPE_CHECKING:
-    from .structure import Structure
+
+class Structure(Protocol):
+    """What this module reads of a :class:`.structure.Structure`."""
+
+    kind: str
+    n: int
+    m: int
+    rows: int
+    cols: int
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
