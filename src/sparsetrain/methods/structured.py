@@ -27,21 +27,7 @@ from ..sparsity.groups import (group_of, group_positions, group_width, matrix_po
 from ..sparsity.permutation import DROP, GROW, RandomOrder
 from ..sparsity.positions import merge_sorted
 from ..sparsity.selection import RunningTopK, comparable, first_free, top_k
-from ..sparsity.structure import Structure
-
-
-def _check_scores(sparsifier, name: str, scores: torch.Tensor, count: int) -> bool:
-    if scores.numel() != count:
-        raise ValueError(f"{type(sparsifier).__name__}.drop_scores({name!r}) must give one score "
-                         f"per active weight ({count}), got {scores.numel()}")
-    return _finite(scores)
-
-
-def _finite(scores: torch.Tensor) -> bool:
-    if scores.numel() == 0 or not scores.is_floating_point():
-        return True
-    low, high = torch.aminmax(scores)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+from . import scores as checked
 
 
 def _block_order(sparsifier, name: str, purpose: int, t: int) -> RandomOrder:
@@ -53,12 +39,8 @@ def _grow_scores(sparsifier, block) -> torch.Tensor | None:
     """The block's grow scores in its matrix view ``(rows, cols)`` (float32 or float64; integer
     scores as float64, exactly), or None where a score is not finite. A Linear weight is its
     own matrix view: no copy."""
-    scores = sparsifier.grow_scores(block)
-    if scores.numel() != block.hi - block.lo:
-        raise ValueError(f"{type(sparsifier).__name__}.grow_scores must give a score of the "
-                         f"block's shape {tuple(block.shape)}, got {tuple(scores.shape)}")
-    flat = comparable(scores)
-    if not _finite(flat):
+    flat = checked.grow_scores(sparsifier, block)
+    if flat is None:
         return None
     if not flat.is_floating_point():
         flat = flat.to(torch.float64)
@@ -89,19 +71,17 @@ def keep_blocks(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | No
     s, backend = sparsifier.structure, sparsifier.backend
     shape = backend.shape(name)
     active = backend.active_positions(name)
-    scores = sparsifier.drop_scores(name)
-    if not _check_scores(sparsifier, name, scores, active.numel()):
+    scores = checked.drop_scores(sparsifier, name, active.numel())
+    if scores is None:
         return None
     gid = group_of(s, shape, active)
     pooled = torch.zeros(n_groups(s, shape), dtype=torch.float64, device=active.device)
     pooled.index_add_(0, gid, scores.to(device=active.device, dtype=torch.float64))
-    present = torch.zeros(pooled.numel(), dtype=torch.bool, device=active.device)
-    present[gid] = True
-    blocks = present.nonzero().squeeze(1)
+    blocks = _present(gid, pooled.numel())
     order = _block_order(sparsifier, name, DROP, t)
     best = blocks[top_k(pooled[blocks], n_keep // (s.rows * s.cols),
                         lambda i: order.rank(blocks[i]))]
-    kept = torch.zeros_like(present)
+    kept = torch.zeros(pooled.numel(), dtype=torch.bool, device=active.device)
     kept[best] = True
     return active[kept[gid]]
 
@@ -217,8 +197,8 @@ def keep_within(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | No
         return keep_blocks(sparsifier, name, n_keep, t)
     shape = backend.shape(name)
     active = backend.active_positions(name)
-    scores = sparsifier.drop_scores(name)
-    if not _check_scores(sparsifier, name, scores, active.numel()):
+    scores = checked.drop_scores(sparsifier, name, active.numel())
+    if scores is None:
         return None
     groups = n_groups(s, shape)
     by_group = torch.sort(group_of(s, shape, active), stable=True).indices  # active set only

@@ -17,10 +17,11 @@ from typing import Callable
 
 import torch
 
+from ..sparsity.groups import n_groups
 from ..sparsity.permutation import DROP, GROW
 from ..sparsity.positions import contains, merge_sorted
-from ..sparsity.selection import RunningTopK, comparable, first_free, order_keys, top_k
-from ..sparsity.groups import n_groups
+from ..sparsity.selection import RunningTopK, first_free, order_keys, top_k
+from . import scores as checked
 from .structured import drop_and_grow_blocks, refill_groups
 
 
@@ -35,13 +36,6 @@ def descending_order(order_method: str) -> Callable:
     return mark
 
 
-def _finite(scores: torch.Tensor) -> bool:
-    if not scores.is_floating_point() or scores.numel() == 0:
-        return True
-    low, high = torch.aminmax(scores)  # NaN and infinities reach the extremes
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
 def warn_not_finite(sparsifier, name: str, t: int) -> None:
     warnings.warn(
         f"{type(sparsifier).__name__}: weight {name!r} has NaN or infinite weights or scores "
@@ -53,11 +47,8 @@ def keep_largest(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | N
     """The ``n_keep`` active positions of ``name`` with the largest drop score (sorted), or
     ``None`` if the scores are not finite."""
     active = sparsifier.backend.active_positions(name)
-    scores = sparsifier.drop_scores(name)
-    if scores.numel() != active.numel():
-        raise ValueError(f"{type(sparsifier).__name__}.drop_scores({name!r}) must give one score "
-                         f"per active weight ({active.numel()}), got {scores.numel()}")
-    if not _finite(scores):
+    scores = checked.drop_scores(sparsifier, name, active.numel())
+    if scores is None:
         return None
     keys = order_keys(sparsifier.order(name, DROP, t), active)
     return active[top_k(scores, n_keep, keys)]
@@ -77,16 +68,11 @@ def grow_largest(sparsifier, name: str, k: int, closed: torch.Tensor, t: int,
     backend = sparsifier.backend
     numel = backend.numel(name)
     running = RunningTopK(k, sparsifier.order(name, GROW, t).rank, total=numel - closed.numel())
-    for attempt in range(2):  # a second pass only where the first's guessed bound was too high
+    for _ in range(2):  # a second pass only where the first's guessed bound was too high
         bounds = torch.tensor([0, 0], device=closed.device)
         for block in backend.blocks(name):
-            scores = sparsifier.grow_scores(block)
-            if scores.numel() != block.hi - block.lo:
-                raise ValueError(f"{type(sparsifier).__name__}.grow_scores must give a score "
-                                 f"of the block's shape {tuple(block.shape)}, got "
-                                 f"{tuple(scores.shape)}")
-            flat = comparable(scores)
-            if not _finite(flat):
+            flat = checked.grow_scores(sparsifier, block)
+            if flat is None:
                 return None, None
             bounds[0], bounds[1] = block.lo, block.hi
             a, b = torch.searchsorted(closed, bounds).tolist()
