@@ -121,7 +121,7 @@ class Sparsifier:
                  sparsify_embeddings: bool = False, structure: str | Structure | None = None):
         self.density = check_density(density)
         self.structure: Structure = parse_structure(structure)
-        if not self.supports_structure(self.structure.kind):
+        if not self.supports_structure(self.structure):
             raise ValueError(f"{type(self).__name__} runs under structure "
                              f"{' or '.join(sorted(self.structures))}, not {structure!r}")
         self.total_steps = checks.positive_int(total_steps, "total_steps")
@@ -178,10 +178,8 @@ class Sparsifier:
 
     @classmethod
     def supports_structure(cls, structure: str | Structure) -> bool:
-        """Whether the method runs under ``structure`` (a kind or a value of ``structure=``)."""
-        kind = structure if structure in ("unstructured", "n:m", "fan-in", "block") else (
-            parse_structure(structure).kind)
-        return cls.structures is None or kind in cls.structures
+        """Whether the method runs under ``structure`` (a value of ``structure=``)."""
+        return cls.structures is None or parse_structure(structure).kind in cls.structures
 
     @classmethod
     def supported_backends(cls) -> list[str]:

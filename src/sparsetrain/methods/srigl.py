@@ -25,17 +25,13 @@ import torch
 
 from .. import checks
 from ..backends.base import VARIABLE_COUNT
-from ..sparsity.groups import matrix_shape, top_per_group
+from ..sparsity.groups import group_counts, group_of, matrix_shape, top_per_group
 from ..sparsity.permutation import DROP
 from ..sparsity.positions import merge_sorted, union_sorted
 from .dst import RigL
 from .registry import register_method
 from .structured import refill_groups
 from .update import grow_largest, keep_largest, warn_if_blind, warn_not_finite
-
-
-def _rows_of(positions: torch.Tensor, per_row: int) -> torch.Tensor:
-    return torch.div(positions, per_row, rounding_mode="floor")
 
 
 @register_method("srigl")
@@ -81,7 +77,7 @@ class SRigL(RigL):
         if top_grad is None:
             return None
         salient = union_sorted(kept, top_grad.to(kept.device))
-        counts = torch.bincount(_rows_of(salient, per_row).cpu(), minlength=rows)
+        counts = group_counts(self.structure, shape, salient).cpu()  # fan-in: per row
         threshold = max(1, int(self.gamma_sal * (self.budget[name] // rows)))
         keep_at_least = min(rows, math.ceil(self.budget[name] / per_row))
         # the keep_at_least-th most salient neuron is never ablated
@@ -113,8 +109,8 @@ class SRigL(RigL):
                      t: int) -> torch.Tensor:
         """``kept`` without the ablated rows' weights, and at most ``fan_in`` (the largest drop
         scores) in every other row."""
-        rows, per_row = matrix_shape(self.backend.shape(name))
-        row = _rows_of(kept, per_row)
+        rows, _ = matrix_shape(self.backend.shape(name))
+        row = group_of(self.structure, self.backend.shape(name), kept)  # fan-in: the row
         kept, row = kept[~ablated.to(kept.device)[row]], row[~ablated.to(kept.device)[row]]
         counts = torch.bincount(row.cpu(), minlength=rows)
         if int(counts.max()) <= fan_in:
