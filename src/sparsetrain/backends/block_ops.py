@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import compiled_kernels
-from .csr_ops import (_check, _fallback_backward, _record, _saved_fake, capturing, check_bias,
-                      csr_linear, packs, unpack, use_kernels)
+from .csr_ops import (_check, _saved_fake, check_bias, csr_linear, fallback_backward,
+                      gradient_tiles, packs, use_kernels)
 
 
 def _bad(shape, block, why: str) -> ValueError:
@@ -143,9 +143,7 @@ def block_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: T
     batch = grad_y.shape[0]
     if use_kernels(grad_y):
         kernels = compiled_kernels()
-        if layer >= 0 and capturing(layer):
-            _record(layer, kernels.unpack_rows(saved, batch), grad_y)
-        gy_tiles = kernels.pack_rows(grad_y)
+        gy_tiles = gradient_tiles(kernels, grad_y, saved, layer)
         grad_x, grad_values = grad_y.new_empty(0), grad_y.new_empty(0)
         if need_input:
             grad_x = _input_grad(kernels, b_ptr, b_col, t_ptr, t_brow, t_blk, values.contiguous(),
@@ -154,12 +152,8 @@ def block_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: T
             grad_values = kernels.block_weight_grad(b_ptr, b_col, gy_tiles, saved, block_rows,
                                                     block_cols, in_features, batch)
         return grad_x, grad_values
-    x = unpack(saved, batch) if packs(grad_y) else saved
-    if layer >= 0:
-        _record(layer, x, grad_y)
-    with torch.autocast(grad_y.device.type, enabled=False):  # the dtypes are chosen already
-        return _fallback_backward(grad_y, x, values, crow, col, in_features, need_input,
-                                  need_values)
+    return fallback_backward(grad_y, saved, values, crow, col, in_features, layer, need_input,
+                             need_values)
 
 
 @block_linear_backward.register_fake

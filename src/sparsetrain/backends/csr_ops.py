@@ -202,9 +202,7 @@ def csr_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Ten
     rows, batch = crow.shape[0] - 1, grad_y.shape[0]
     if use_kernels(grad_y):
         kernels = compiled_kernels()
-        if layer >= 0 and capturing(layer):
-            _record(layer, kernels.unpack_rows(saved, batch), grad_y)
-        gy_tiles = kernels.pack_rows(grad_y)
+        gy_tiles = gradient_tiles(kernels, grad_y, saved, layer)
         grad_x, grad_values = grad_y.new_empty(0), grad_y.new_empty(0)
         if need_input:
             values_t = values.index_select(0, t_perm)  # (faster than values[t_perm])
@@ -214,7 +212,23 @@ def csr_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Ten
             grad_values = kernels.csr_weight_grad(crow, col, gy_tiles, saved, in_features,
                                                   batch)
         return grad_x, grad_values
-    x = unpack(saved, batch) if packs(grad_y) else saved
+    return fallback_backward(grad_y, saved, values, crow, col, in_features, layer, need_input,
+                             need_values)
+
+
+def gradient_tiles(kernels, grad_y: Tensor, saved: Tensor, layer: int) -> Tensor:
+    """``grad_y`` packed for the kernels' backward products, after recording ``(x, grad_y)``
+    for layer handle ``layer`` if it is capturing (the saved input unpacked only then)."""
+    if layer >= 0 and capturing(layer):
+        _record(layer, kernels.unpack_rows(saved, grad_y.shape[0]), grad_y)
+    return kernels.pack_rows(grad_y)
+
+
+def fallback_backward(grad_y, saved, values, crow, col, in_features, layer, need_input,
+                      need_values):
+    """The backward products by torch's sparse operations (any layout of the same non-zeros:
+    the values are in CSR order), after recording ``(x, grad_y)`` for layer handle ``layer``."""
+    x = unpack(saved, grad_y.shape[0]) if packs(grad_y) else saved
     if layer >= 0:
         _record(layer, x, grad_y)
     with torch.autocast(grad_y.device.type, enabled=False):  # the dtypes are chosen already
