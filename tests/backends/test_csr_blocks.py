@@ -10,24 +10,14 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.utils import counters
 
-import sparsetrain.backends.csr_ops as csr_ops
 import sparsetrain.kernels as kernels_module
 from sparsetrain.backends.block_ops import BLOCK_KEYS, block_linear, block_structure
 from sparsetrain.backends.csr import CSRLinear
+from tests.backends.conftest import quiet
 
 SHAPES = [(4, 1), (8, 1), (16, 1), (4, 4), (1, 4), (2, 8), (3, 2), (32, 1)]
-quiet = pytest.mark.filterwarnings("ignore:sparsetrain. the compiled CSR kernels")
 
 
-@pytest.fixture(params=["compiled", "torch"])
-def kernels(request, monkeypatch):
-    """The compiled kernels (where they build), or torch's sparse operations in their place."""
-    monkeypatch.setattr(csr_ops, "_WARNED", set())
-    if request.param == "torch":
-        monkeypatch.setattr(kernels_module, "_KERNELS", False)
-    elif kernels_module.compiled_kernels() is None:
-        pytest.skip("the compiled CSR kernels cannot be built here")
-    return request.param
 
 
 def block_mask(out_f, in_f, block, density=0.35, seed=0):

@@ -10,27 +10,16 @@ import torch
 from torch import nn
 
 import sparsetrain as st
-import sparsetrain.backends.csr_ops as csr_ops
-import sparsetrain.kernels as kernels_module
 from sparsetrain.backends.csr import CSRLinear
 from sparsetrain.backends.csr_ops import csr_linear
+from tests.backends.conftest import quiet
 
 HALF = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["compiled", "torch"], autouse=True)
-def kernels(request, monkeypatch):
-    """Every test runs with the compiled kernels (where they build) and with torch's ops; the
-    fallback's once-only warning is reset and, outside the test about it, silenced."""
-    monkeypatch.setattr(csr_ops, "_WARNED", set())
-    if request.param == "torch":
-        monkeypatch.setattr(kernels_module, "_KERNELS", False)
-    elif kernels_module.compiled_kernels() is None:
-        pytest.skip("the compiled CSR kernels cannot be built here")
-    return request.param
+pytestmark = pytest.mark.usefixtures("kernels")  # every test, both ways
 
 
-quiet = pytest.mark.filterwarnings("ignore:sparsetrain. the compiled CSR kernels")
 
 
 def operands(dtype, batch, out_f=50, in_f=70, density=0.25, seed=0):
