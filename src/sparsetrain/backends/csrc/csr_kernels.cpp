@@ -563,6 +563,17 @@ void block_group(const T* tile, const acc_t<T>* vals, const int64_t* ptr, const 
       std::memcpy(sums + i * BT + part * NV * L + n * L, &acc[i][n], sizeof(V));
 }
 
+// Calls f(std::integral_constant<int, G>) for G = 16, 8, 4, 2 and 1 in turn: the kernels take
+// rows in groups of the largest of these sizes that still fits, then the smaller ones.
+template <typename F>
+void for_group_sizes(F f) {
+  f(std::integral_constant<int, 16>{});
+  f(std::integral_constant<int, 8>{});
+  f(std::integral_constant<int, 4>{});
+  f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 1>{});
+}
+
 // All rows of output block row ob: groups of 16, 8, 4, 2 and 1 rows, each over the parts of
 // the tile its registers allow.
 template <typename T, int CI, Layout LY>
@@ -580,11 +591,7 @@ void block_row_sums(const T* tile, const acc_t<T>* vals, const int64_t* ptr, con
       i0 += RG;
     }
   };
-  run(std::integral_constant<int, 16>{});
-  run(std::integral_constant<int, 8>{});
-  run(std::integral_constant<int, 4>{});
-  run(std::integral_constant<int, 2>{});
-  run(std::integral_constant<int, 1>{});
+  for_group_sizes(run);
 }
 
 // Calls f(std::integral_constant<int, N>) with N = n for the common sizes, 0 otherwise.
@@ -708,11 +715,7 @@ void block_input_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const acc
               scatter_group<T, RG, NV, CI>(g_tile, vals, b_ptr, b_col, br, i0, part, R, C, k0,
                                            k1, gx_tile);
         };
-        run(std::integral_constant<int, 16>{});
-        run(std::integral_constant<int, 8>{});
-        run(std::integral_constant<int, 4>{});
-        run(std::integral_constant<int, 2>{});
-        run(std::integral_constant<int, 1>{});
+        for_group_sizes(run);
       }
     }
   });
@@ -822,11 +825,7 @@ void block_weight_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const T*
                                         static_cast<int>(std::clamp<int64_t>(n - m0 - Q, 0, Q)),
                                         br * R + i0, rows, cols, nt, g0 + i0 * n + m0, n);
       };
-      run(std::integral_constant<int, 16>{});
-      run(std::integral_constant<int, 8>{});
-      run(std::integral_constant<int, 4>{});
-      run(std::integral_constant<int, 2>{});
-      run(std::integral_constant<int, 1>{});
+      for_group_sizes(run);
     }
   }
 }
