@@ -91,7 +91,7 @@ class SRigL(RigL):
         n_drop = math.floor(fraction * active.numel())
         if n_drop == 0:
             return None
-        kept = keep_largest(self, name, active.numel() - n_drop, t)
+        kept = keep_largest(self, name, active.numel() - n_drop, t, active)
         ablated = None if kept is None else self.ablated_neurons(name, kept, n_drop, t)
         if ablated is None:
             warn_not_finite(self, name, t)

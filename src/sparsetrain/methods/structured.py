@@ -65,12 +65,15 @@ def _present(ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # --- blocks -----------------------------------------------------------------------------------
-def keep_blocks(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | None:
+def keep_blocks(sparsifier, name: str, n_keep: int, t: int,
+                active: torch.Tensor | None = None) -> torch.Tensor | None:
     """The active positions of the ``n_keep // (R*C)`` active blocks of ``name`` with the largest
-    pooled drop score (sorted), or None if a score is not finite."""
+    pooled drop score (sorted), or None if a score is not finite; ``active``: the active set,
+    where the caller has it already."""
     s, backend = sparsifier.structure, sparsifier.backend
     shape = backend.shape(name)
-    active = backend.active_positions(name)
+    if active is None:
+        active = backend.active_positions(name)
     scores = checked.drop_scores(sparsifier, name, active.numel())
     if scores is None:
         return None
@@ -130,7 +133,7 @@ def drop_and_grow_blocks(sparsifier, name: str, n_drop: int, t: int,
     n_drop = min(n_drop // size, n_blocks, n_groups(s, shape) - n_blocks)
     if n_drop <= 0:
         return None, False
-    kept = keep_blocks(sparsifier, name, (n_blocks - n_drop) * size, t)
+    kept = keep_blocks(sparsifier, name, (n_blocks - n_drop) * size, t, active)
     if kept is None:
         return None, True
     before = _present(group_of(s, shape, active), n_groups(s, shape))

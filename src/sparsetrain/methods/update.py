@@ -43,10 +43,13 @@ def warn_not_finite(sparsifier, name: str, t: int) -> None:
         "gradients.", RuntimeWarning, stacklevel=4)
 
 
-def keep_largest(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | None:
+def keep_largest(sparsifier, name: str, n_keep: int, t: int,
+                 active: torch.Tensor | None = None) -> torch.Tensor | None:
     """The ``n_keep`` active positions of ``name`` with the largest drop score (sorted), or
-    ``None`` if the scores are not finite."""
-    active = sparsifier.backend.active_positions(name)
+    ``None`` if the scores are not finite; ``active``: the active set, where the caller has
+    it already."""
+    if active is None:
+        active = sparsifier.backend.active_positions(name)
     scores = checked.drop_scores(sparsifier, name, active.numel())
     if scores is None:
         return None
@@ -107,10 +110,10 @@ def drop_and_grow(sparsifier, name: str, n_drop: int, t: int, *,
         if not_finite:
             warn_not_finite(sparsifier, name, t)
         return best
-    kept = keep_largest(sparsifier, name, n_active - n_drop, t)
+    active = backend.active_positions(name)
+    kept = keep_largest(sparsifier, name, n_active - n_drop, t, active)
     grown = best = None
     if kept is not None:
-        active = backend.active_positions(name)
         closed = kept if allow_regrowth else active
         if structure.kind == "unstructured":
             before = active if sparsifier.update_reads_gradient else None
