@@ -1,4 +1,5 @@
-"""The compiled OpenMP kernels (``backends/csrc/csr_kernels.cpp``), built with the machine's g++
+"""The compiled OpenMP kernels (``backends/csrc/``: ``csr_kernels.cpp``, the products, and
+``set_kernels.cpp``, active sets and scores), built with the machine's g++
 on first use and cached by torch; ``None`` where they cannot be built, and every caller then
 uses torch's own operations (same results, more slowly)."""
 
@@ -9,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 _KERNELS: Any = None
-SOURCE = Path(__file__).with_name("backends") / "csrc" / "csr_kernels.cpp"
+SOURCES = [Path(__file__).with_name("backends") / "csrc" / f for f in ("csr_kernels.cpp",
+                                                                    "set_kernels.cpp")]
 
 
 def compiled_kernels():
@@ -19,7 +21,7 @@ def compiled_kernels():
         try:
             from torch.utils.cpp_extension import load
 
-            _KERNELS = load("sparsetrain_csr", [str(SOURCE)],
+            _KERNELS = load("sparsetrain_csr", [str(s) for s in SOURCES],
                             extra_cflags=["-O3", "-fopenmp", "-march=native"],
                             extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # no compiler, no headers, a failed build: fall back
