@@ -30,12 +30,10 @@ from typing import Any, Iterable
 
 from ..analysis import position_overlap
 from . import landscape, mask_history
-from .config import make_config
+from .config import DENSE_METHODS, make_config
 from .folder import load_checkpoint, read_metrics
 from .plots import _pyplot, _save
 from .results import collect_runs, label_rank, run_key, run_labels
-
-DENSE = ("dense", "small-dense")
 
 
 def final_positions(run: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +50,7 @@ def overlap_tables(runs: list[dict[str, Any]]) -> dict[tuple[str, float], dict]:
     groups: dict[tuple[str, float], list[tuple[str, dict]]] = defaultdict(list)
     for run in runs:
         s = run["summary"]
-        if s["method"] in DENSE or not (run["folder"] / "checkpoint.pt").is_file():
+        if s["method"] in DENSE_METHODS or not (run["folder"] / "checkpoint.pt").is_file():
             continue
         model, _, _, density = run_key(s)
         groups[(model, density)].append((labels[run["folder"]], final_positions(run)))

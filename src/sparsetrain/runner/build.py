@@ -31,7 +31,8 @@ from ..pruning.ablations import shuffle_masks
 from ..sparsity.masks import density_mismatch, validate_masks
 from ..sparsity.targets import partition
 from . import folder
-from .config import MAX_COUNT, PRUNE_AT_INIT_METHODS, ConfigError, TrainConfig
+from .config import (DENSE_METHODS, MAX_COUNT, PRUNE_AT_INIT_METHODS, ConfigError,
+                     TrainConfig)
 from .data_order import epoch_order
 from .distributed import Distributed
 from .measure import flat_predictions
@@ -55,7 +56,7 @@ def resolve_device(name: str) -> torch.device:
 def check_method(method: str) -> None:
     """``ConfigError`` unless ``method`` is a registered method, dense, small-dense or pruning
     at initialisation."""
-    if method in ("dense", SMALL_DENSE) or method in PRUNE_AT_INIT_METHODS:
+    if method in DENSE_METHODS or method in PRUNE_AT_INIT_METHODS:
         return
     try:
         get_method(method)
@@ -158,7 +159,7 @@ def build_run(config: TrainConfig, dist: Distributed, log: Log,
     example = data.prepare(data.train_x[:1], train=False).to(device)
     reference = model if c.method != SMALL_DENSE else build_network(c, data, c.width)
     dense_flops = flops(reference.to(device), example).total
-    if c.method in ("dense", SMALL_DENSE):
+    if c.method in DENSE_METHODS:
         sparsifier = None
     elif c.method in PRUNE_AT_INIT_METHODS:
         # on resume the checkpoint holds the masks (their per-layer counts are the pruning's,

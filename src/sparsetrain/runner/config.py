@@ -35,6 +35,7 @@ class ConfigError(ValueError):
 
 # Methods that prune once at initialisation and then train with the mask fixed (st.Static).
 PRUNE_AT_INIT_METHODS = ("snip", "grasp", "synflow")
+DENSE_METHODS = ("dense", "small-dense")  # the runs that train every weight
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "multistep", "constant")
 PRUNE_SCOPES = ("global", "layer")
@@ -369,7 +370,7 @@ def check(config: TrainConfig) -> None:
         checks.fraction(c.density, "density", meaning="the fraction of weights kept")
         checks.choice(c.distribution, "distribution", DISTRIBUTIONS)
         structure = parse_structure(c.structure)
-        _require(structure.kind == "unstructured" or c.method not in ("dense", "small-dense"),
+        _require(structure.kind == "unstructured" or c.method not in DENSE_METHODS,
                  f"structure {c.structure!r} constrains the sparse weights of a sparse method; "
                  f"method {c.method!r} has none: leave --structure out")
         checks.real_in_range(c.width, "width", 0.0, MAX_WIDTH, low_open=True,
@@ -418,7 +419,7 @@ def check(config: TrainConfig) -> None:
              f"prune_ablation changes the masks or weights of pruning at initialisation; "
              f"method {c.method!r} does not prune at initialisation: use one of "
              f"{', '.join(PRUNE_AT_INIT_METHODS)}, or leave prune_ablation out")
-    _require(c.backend == "masked" or c.method not in ("dense", "small-dense"),
+    _require(c.backend == "masked" or c.method not in DENSE_METHODS,
              f"backend 'csr' holds sparse weights; method {c.method!r} has none: use "
              "--backend masked")
     _require(DEVICE.fullmatch(c.device) is not None,

@@ -23,14 +23,13 @@ import torch
 from ..analysis import gradient_norms, loss_along_line
 from ..sparsity.targets import find_targets
 from ..backends import dense_state_dict, to_masked
-from .config import make_config
+from .config import DENSE_METHODS, make_config
 from .folder import load_initial
 from .results import method_rank, run_key
 
 EXAMPLES = 2048
 BATCH = 256
 ALPHAS = [i / 10 for i in range(11)]
-DENSE = ("dense", "small-dense")
 
 
 def barrier(losses: list[float]) -> float:
@@ -93,7 +92,7 @@ def lines(runs: list[dict[str, Any]], labels: dict[Path, str]) -> dict[tuple[str
         if base:
             model, batches, _, anchor = built[base[0]][1]
             for label, (method, (_, _, _, final)) in built.items():
-                if label != base[0] and method not in DENSE and _same_shapes(anchor, final):
+                if label != base[0] and method not in DENSE_METHODS and _same_shapes(anchor, final):
                     static[label] = [p.loss for p in loss_along_line(
                         model, anchor, final, batches, alphas=ALPHAS)]
         result[key] = {"init": init, "static": static, "gradient_at_init": at_init,

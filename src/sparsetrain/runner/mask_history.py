@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .config import DENSE_METHODS
 from .results import is_number, label_rank, run_key
 
 
@@ -18,7 +19,7 @@ def exploration_markdown(runs: list[dict[str, Any]], labels: dict[Path, str]) ->
     for run in runs:
         s = run["summary"]
         model, method, _, density = run_key(s)
-        if method in ("dense", "small-dense") or not is_number(s.get("ever_active_fraction")):
+        if method in DENSE_METHODS or not is_number(s.get("ever_active_fraction")):
             continue
         groups[(model, density)][labels[run["folder"]]].append(
             (s["ever_active_fraction"], s["test_accuracy"]))
@@ -37,7 +38,7 @@ def layer_density_series(runs: list[dict[str, Any]], labels: dict[Path, str]) ->
     """model -> (lowest density, {label: {layer: [(epoch, density)]}}) for the lowest seed."""
     found: dict[str, tuple[float, dict]] = {}
     candidates = sorted((r for r in runs
-                         if r["summary"]["method"] not in ("dense", "small-dense")),
+                         if r["summary"]["method"] not in DENSE_METHODS),
                         key=lambda r: (run_key(r["summary"])[3],
                                        r["summary"]["config"].get("seed", 0)))
     for run in candidates:

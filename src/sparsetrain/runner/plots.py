@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .comparison import method_label
+from .config import DENSE_METHODS
 from .results import (DYNAMIC, is_number, label_rank, method_rank, run_key, run_kind,
                       run_labels)
 
@@ -193,8 +194,7 @@ def _plot_curves(runs, m: Measure, path: Path) -> bool:
 
 def _plot_layer_densities(runs, path: Path) -> bool:
     plt = _pyplot()
-    finished = [r["summary"] for r in runs if r["summary"]["method"] not in ("dense",
-                                                                             "small-dense")]
+    finished = [r["summary"] for r in runs if r["summary"]["method"] not in DENSE_METHODS]
     if not finished:
         return False
     lowest = min(run_key(s)[3] for s in finished)

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import ConfigError, TrainConfig, saved_setting
+from .config import DENSE_METHODS, ConfigError, TrainConfig, saved_setting
 from .folder import SUMMARY, find_run_folders, is_run_folder, read_metrics, read_summary
 from .comparison import compare_to_static, judged_by
 
@@ -127,7 +127,7 @@ def run_key(summary: dict[str, Any]) -> tuple[str, str, str, float]:
     dense and small-dense runs have no distribution ("-")."""
     config = summary.get("config", {})
     method = summary["method"]
-    distribution = "-" if method in ("dense", "small-dense") else config.get("distribution", "-")
+    distribution = "-" if method in DENSE_METHODS else config.get("distribution", "-")
     density = float(config.get("density", summary["density"]))
     if method == "dense":
         density = 1.0
