@@ -1,12 +1,15 @@
-"""The CSR Linear layer against a dense masked reference."""
+"""The CSR Linear layer against a dense masked reference; its int32 indices and W^T's
+structure."""
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
 import sparsetrain.kernels as kernels_module
-from sparsetrain.backends.csr import CSRLinear, csr_structure
-from sparsetrain.backends.csr_ops import csr_linear
+from sparsetrain.backends.csr import INDEX_KEYS, CSRLinear, csr_structure
+from sparsetrain.backends.csr_ops import check_index_range, csr_linear, transpose
 
 
 @pytest.fixture(params=["compiled", "torch"], autouse=True)
@@ -96,6 +99,89 @@ def test_bad_input():
         CSRLinear(torch.zeros(3, 4), torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="2-D mask"):
         csr_structure(torch.ones(2, 2, 2, dtype=torch.bool))
+    _, _, csr = layer()
+    crow, col, *rest = csr.structure()
+    with pytest.raises(ValueError, match="crow and col must be int32"):
+        csr_linear(torch.randn(2, 9, dtype=torch.double), csr.values, crow.long(), col.long(),
+                   *rest, 9, -1)
+
+
+def test_indices_are_int32_and_positions_int64():
+    _, mask, csr = layer()
+    for key in INDEX_KEYS:
+        assert getattr(csr, key).dtype == torch.int32, key
+    assert csr.positions().dtype == torch.int64 and csr.rows().dtype == torch.int64
+    csr.set_positions(csr.positions())
+    assert csr.col.dtype == torch.int32 and torch.equal(csr.mask(), mask)
+
+
+def test_indices_beyond_int32_are_a_clear_error():
+    check_index_range(2**31 - 1, 2**31 - 1, 2**31 - 1)
+    for shape in [(2**31, 10, 5), (10, 2**31, 5), (10**5, 10**5, 2**31)]:
+        with pytest.raises(ValueError, match="does not fit int32 indices"):
+            check_index_range(*shape)
+
+
+def reference_transpose(crow, col, cols):
+    """W^T's structure as a stable argsort by column gives it."""
+    perm = torch.argsort(col.long(), stable=True)
+    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1), (crow[1:] - crow[:-1]).long())
+    t_crow = torch.zeros(cols + 1, dtype=torch.int64)
+    t_crow[1:] = torch.cumsum(torch.bincount(col.long(), minlength=cols), 0)
+    return t_crow, rows[perm], perm
+
+
+@pytest.mark.parametrize("shape, density, threads", [
+    ((7, 5), 0.0, None), ((1, 1), 1.0, None), ((30, 40), 0.2, None), ((3000, 70), 0.9, None),
+    ((1000, 600), 0.9, None), ((1000, 600), 0.9, 3)])
+def test_transpose_equals_a_stable_argsort(shape, density, threads):
+    """The counting sort (one thread; several, for the 1000 x 600 layer) against the argsort,
+    with empty rows and columns and with no non-zeros at all."""
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(shape, generator=g) < density
+    mask[::3] = False  # empty rows
+    mask[:, 1::4] = False  # empty columns
+    s = csr_structure(mask)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        got = transpose(s["crow"], s["col"], shape[1])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(got, reference_transpose(s["crow"], s["col"], shape[1])):
+        assert a.dtype == torch.int32 and torch.equal(a.long(), b)
+
+
+def test_state_dicts_with_int64_indices_load():
+    """A state dict saved when the indices were int64 loads (its indices made int32), into a
+    layer of other positions, and saving again gives the int32 dict exactly."""
+    _, _, csr = layer()
+    other = copy.deepcopy(csr)
+    other.set_positions(torch.randperm(6 * 9)[:csr.nnz].sort().values)
+    old = {k: v.long() if k in ("crow", "col") else v for k, v in csr.state_dict().items()}
+    for assign in (False, True):
+        twin = copy.deepcopy(other)
+        twin.load_state_dict(old, assign=assign)
+        for key in INDEX_KEYS:
+            assert getattr(twin, key).dtype == torch.int32, key
+            assert torch.equal(getattr(twin, key), getattr(csr, key)), key
+        saved = twin.state_dict()
+        assert saved.keys() == csr.state_dict().keys()
+        for key, value in csr.state_dict().items():
+            assert saved[key].dtype == value.dtype and torch.equal(saved[key], value), key
+        x = torch.randn(3, 9, dtype=torch.double)
+        torch.testing.assert_close(twin(x), csr(x))
+
+
+def test_a_layer_pickled_with_int64_indices_gets_int32_ones():
+    _, _, csr = layer()
+    old = copy.deepcopy(csr)
+    for key in INDEX_KEYS:
+        old._buffers[key] = old._buffers[key].long()
+    twin = copy.deepcopy(old)  # through __setstate__, as unpickling
+    for key in INDEX_KEYS:
+        assert getattr(twin, key).dtype == torch.int32 and torch.equal(getattr(twin, key),
+                                                                       getattr(csr, key))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

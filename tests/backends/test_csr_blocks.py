@@ -161,13 +161,17 @@ def test_set_positions_and_state_dicts_keep_the_block_products():
     blocks = torch.zeros(24 * 32, dtype=torch.bool)
     blocks[chosen] = True
     mask = blocks.view(24, 32).repeat_interleave(4, 0).repeat_interleave(2, 1)
-    twin = copy.deepcopy(layer)  # the old positions
+    twin, old = copy.deepcopy(layer), copy.deepcopy(layer)  # the old positions
     layer.set_positions(mask.flatten().nonzero().squeeze(1))
     twin.load_state_dict(layer.state_dict())
+    # as saved when the indices were int64
+    old.load_state_dict({k: v.long() if k in ("crow", "col") else v
+                         for k, v in layer.state_dict().items()})
     x = torch.randn(9, 64)
     dense = nn.functional.linear(x, layer.dense_weight(), layer.bias)
-    for m in (layer, twin):
+    for m in (layer, twin, old):
         assert m.block_shape == (4, 2) and torch.equal(m.mask(), mask)
+        assert all(getattr(m, k).dtype == torch.int32 for k in ("crow", "col", *BLOCK_KEYS))
         torch.testing.assert_close(m(x), dense)
 
 

@@ -12,6 +12,8 @@ builds what the products need:
   with their block row and their ordinal among ``W``'s blocks (for the input gradient of
   blocks wider than tall, which is the forward product of ``W^T``).
 
+All of them are int32, as the layer's ``crow`` and ``col`` (:data:`.csr_ops.INDEX`).
+
 ``sparsetrain::block_linear`` and ``sparsetrain::block_linear_backward`` are the custom
 operators (fake implementations and a registered autograd, as :mod:`.csr_ops`). On the CPU they
 run the OpenMP kernels of ``csrc/csr_kernels.cpp``: in the forward product one load of an input
@@ -33,8 +35,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import compiled_kernels
-from .csr_ops import (_check, _saved_fake, check_bias, csr_linear, fallback_backward,
-                      gradient_tiles, packs, use_kernels)
+from .csr_ops import (INDEX, _check, _saved_fake, check_bias, csr_linear, fallback_backward,
+                      gradient_tiles, packs, transpose, use_kernels)
 
 
 def _bad(shape, block, why: str) -> ValueError:
@@ -46,7 +48,8 @@ def _bad(shape, block, why: str) -> ValueError:
 def block_structure(crow: Tensor, col: Tensor, shape, block) -> dict[str, Tensor]:
     """The block metadata of a CSR structure (``crow``, ``col``) of a ``shape`` weight in
     aligned ``block = (R, C)`` blocks; ValueError where its positions do not tile so.
-    O(nnz) checks, and a stable sort of the blocks (not of the values) for ``W^T``."""
+    O(nnz) checks, and the blocks (not the values) sorted by column for ``W^T``
+    (:func:`.csr_ops.transpose` of the block structure)."""
     out_f, in_f = (int(s) for s in shape)
     r, c = (int(b) for b in block)
     if r < 1 or c < 1 or out_f % r or in_f % c:
@@ -68,18 +71,12 @@ def block_structure(crow: Tensor, col: Tensor, shape, block) -> dict[str, Tensor
     leader = crow.index_select(0, (rows // r) * r) + local  # same place, block row's first row
     if bool((col != col.index_select(0, leader)).any()):
         raise _bad(shape, block, "the rows of a block row hold different columns")
-    b_ptr = torch.div(crow[::r], r * c, rounding_mode="floor")
+    b_ptr = torch.div(crow[::r], r * c, rounding_mode="floor").to(INDEX).contiguous()
     firsts = (rows % r == 0) & (local % c == 0)
-    b_col = col[firsts] // c
-    n_blocks = b_col.numel()
-    b_row = torch.repeat_interleave(torch.arange(out_f // r, device=col.device),
-                                    b_ptr[1:] - b_ptr[:-1])
-    order = torch.argsort(b_col, stable=True)  # by block column, block rows in order
-    t_ptr = torch.zeros(in_f // c + 1, dtype=torch.int64, device=col.device)
-    t_ptr[1:] = torch.cumsum(torch.bincount(b_col, minlength=in_f // c), 0)
-    assert n_blocks * r * c == col.numel()
-    return {"b_ptr": b_ptr.contiguous(), "b_col": b_col, "t_ptr": t_ptr,
-            "t_brow": b_row.index_select(0, order), "t_blk": order}
+    b_col = col[firsts].to(INDEX) // c
+    assert b_col.numel() * r * c == col.numel()
+    t_ptr, t_brow, t_blk = transpose(b_ptr, b_col, in_f // c)  # block rows in order
+    return {"b_ptr": b_ptr, "b_col": b_col, "t_ptr": t_ptr, "t_brow": t_brow, "t_blk": t_blk}
 
 
 #: The order of the block metadata in the operators' arguments.

@@ -37,21 +37,22 @@ from torch import nn
 
 from ..kernels import compiled_kernels  # noqa: F401  (the benchmarks import it from here)
 from .block_ops import BLOCK_KEYS, block_linear, block_structure
-from .csr_ops import DTYPES, csr_linear, register_layer
+from .csr_ops import (DTYPES, INDEX, check_index_range, csr_linear, register_layer,
+                      row_pointers, transpose)
 
-
-def _row_pointers(rows: torch.Tensor, out_features: int) -> torch.Tensor:
-    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
-    return crow
+#: The index buffers of a layer (all :data:`.csr_ops.INDEX`, int32), those saved in its state
+#: dict first.
+INDEX_KEYS = ("crow", "col", "t_crow", "t_row", "t_perm", *BLOCK_KEYS)
 
 
 def csr_structure(mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Row pointers and column indices (and the row of every non-zero) of a 2-D bool mask."""
+    """Row pointers and column indices (int32), and the row of every non-zero (int64), of a
+    2-D bool mask; ValueError where they would not fit int32."""
     if mask.dim() != 2:
         raise ValueError(f"a CSR weight needs a 2-D mask, got shape {tuple(mask.shape)}")
     rows, cols = mask.nonzero(as_tuple=True)  # row-major order
-    return {"rows": rows, "crow": _row_pointers(rows, mask.shape[0]), "col": cols}
+    check_index_range(*mask.shape, rows.numel())
+    return {"rows": rows, "crow": row_pointers(rows, mask.shape[0]), "col": cols.to(INDEX)}
 
 
 def _default_init(generator: torch.Generator, n: int, fan_in: int, dtype, device):
@@ -65,17 +66,18 @@ class CSRLinear(nn.Module):
     """A Linear layer with a CSR weight: memory and products proportional to its non-zeros.
 
     ``values`` (the ``nnz`` active weights, row-major) is the only weight parameter; ``crow``
-    (``out_features + 1`` row pointers) and ``col`` (column of each value) are buffers, so they
-    travel with ``state_dict()``. ``bias`` is the given parameter itself (not a copy), so an
-    optimizer that already holds it keeps updating it. ``capture``, None or a list, receives
-    ``(x, grad_y)`` of each backward pass (see :mod:`.csr_ops`, which finds the layer through
-    its handle ``_handle``).
+    (``out_features + 1`` row pointers) and ``col`` (column of each value) are int32 buffers, so
+    they travel with ``state_dict()`` (int64 ones, as saved before, are converted on loading);
+    dimensions and ``nnz`` must stay below 2**31 (ValueError otherwise). ``bias`` is the given
+    parameter itself (not a copy), so an optimizer that already holds it keeps updating it.
+    ``capture``, None or a list, receives ``(x, grad_y)`` of each backward pass (see
+    :mod:`.csr_ops`, which finds the layer through its handle ``_handle``).
 
     The structure of ``W^T`` is kept too, as buffers left out of ``state_dict()`` and rebuilt
     whenever the structure changes (``set_positions``, loading a state dict): ``t_crow`` (its
     row pointers), ``t_row`` (the row of ``W`` of each of its non-zeros) and ``t_perm`` (where
-    each sits in ``values``), so that the input gradient ``grad_y W`` is a gathering product like
-    the forward one instead of a scatter.
+    each sits in ``values``), int32 too, so that the input gradient ``grad_y W`` is a gathering
+    product like the forward one instead of a scatter.
     """
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor,
@@ -101,6 +103,9 @@ class CSRLinear(nn.Module):
         passes record into its own ``capture``."""
         super().__setstate__(state)
         self.__dict__.setdefault("block_shape", None)  # layers pickled before block shapes
+        for key in INDEX_KEYS:  # layers pickled with int64 indices
+            if key in self._buffers and self._buffers[key].dtype != INDEX:
+                self._buffers[key] = self._buffers[key].to(INDEX)
         self._handle = register_layer(self)
 
     @classmethod
@@ -115,9 +120,9 @@ class CSRLinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.out_features, layer.in_features = (int(s) for s in shape)
-        layer.register_buffer("crow", torch.zeros(layer.out_features + 1, dtype=torch.int64,
+        layer.register_buffer("crow", torch.zeros(layer.out_features + 1, dtype=INDEX,
                                                   device=values.device))
-        layer.register_buffer("col", torch.zeros(0, dtype=torch.int64, device=values.device))
+        layer.register_buffer("col", torch.zeros(0, dtype=INDEX, device=values.device))
         layer.values = nn.Parameter(values.detach().clone())
         layer.bias = bias
         layer.block_shape = None
@@ -132,13 +137,13 @@ class CSRLinear(nn.Module):
         return self.values.numel()
 
     def rows(self) -> torch.Tensor:
-        """The row of every non-zero."""
+        """The row of every non-zero (int64)."""
         counts = self.crow[1:] - self.crow[:-1]
         return torch.repeat_interleave(torch.arange(self.out_features, device=counts.device),
                                        counts)
 
     def positions(self) -> torch.Tensor:
-        """Sorted flat positions ``row * in_features + col`` of the non-zeros."""
+        """Sorted flat positions ``row * in_features + col`` of the non-zeros (int64)."""
         return self.rows() * self.in_features + self.col
 
     @torch.no_grad()
@@ -149,9 +154,10 @@ class CSRLinear(nn.Module):
         positions = positions.to(device=self.values.device, dtype=torch.int64)
         if positions.numel() != self.values.numel():
             raise ValueError(f"{positions.numel()} positions for {self.values.numel()} values")
+        check_index_range(self.out_features, self.in_features, positions.numel())
         rows = torch.div(positions, self.in_features, rounding_mode="floor")
-        crow = _row_pointers(rows, self.out_features)
-        col = positions - rows * self.in_features
+        crow = row_pointers(rows, self.out_features)
+        col = (positions - rows * self.in_features).to(INDEX)
         blocks = self._blocks_of(crow, col)  # raises before anything changes
         self.crow, self.col = crow, col
         self._transpose_structure(blocks)
@@ -189,11 +195,9 @@ class CSRLinear(nn.Module):
             for key in ("t_crow", "t_row", "t_perm"):
                 self.register_buffer(key, empty, persistent=False)
             return
-        perm = torch.argsort(self.col, stable=True)  # rows in order within each column
-        self.register_buffer("t_crow", _row_pointers(self.col, self.in_features),
-                             persistent=False)
-        self.register_buffer("t_row", self.rows().index_select(0, perm), persistent=False)
-        self.register_buffer("t_perm", perm, persistent=False)
+        structure = transpose(self.crow, self.col, self.in_features)
+        for key, tensor in zip(("t_crow", "t_row", "t_perm"), structure):
+            self.register_buffer(key, tensor, persistent=False)
 
     def structure(self) -> tuple[torch.Tensor, ...]:
         """``(crow, col, t_crow, t_row, t_perm)``, as :func:`.csr_ops.csr_linear` takes them
@@ -205,6 +209,10 @@ class CSRLinear(nn.Module):
         return self.crow, self.col, self.t_crow, self.t_row, self.t_perm
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in ("crow", "col"):  # int64 in state dicts saved before int32 indices
+            index = state_dict.get(prefix + key)
+            if isinstance(index, torch.Tensor) and index.dtype == torch.int64:
+                state_dict[prefix + key] = index.to(INDEX)
         crow, col = state_dict.get(prefix + "crow"), state_dict.get(prefix + "col")
         blocks = None
         if (self.block_shape is not None and crow is not None and col is not None

@@ -3,8 +3,9 @@
 ``sparsetrain::csr_linear(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer,
 bias=None) -> (y, saved)`` computes ``y = x W^T (+ bias)`` for the CSR weight ``W`` (rows
 given by ``crow``, columns by ``col``; ``t_crow``, ``t_row`` and ``t_perm`` give the structure
-of ``W^T``, see ``CSRLinear``; the bias is added by the kernel as it writes ``y``); ``saved`` is
-what its backward reads: on the CPU ``x`` packed in batch tiles (by the kernels, or by torch
+of ``W^T``, see ``CSRLinear`` and :func:`transpose`; every index array is int32,
+:data:`INDEX`; the bias is added by the kernel as it writes ``y``); ``saved`` is what its
+backward reads: on the CPU ``x`` packed in batch tiles (by the kernels, or by torch
 where they cannot be built, so that a compiled graph means the same either way: torch's graph
 caches may hand it to another process), an empty tensor elsewhere.
 ``sparsetrain::csr_linear_backward`` gives the input gradient ``grad_y W`` (with the kernels:
@@ -44,6 +45,8 @@ from ..kernels import compiled_kernels
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 #: Those torch's sparse CSR operations take on the CPU (others run in float32 there).
 FALLBACK_DTYPES = (torch.float64, torch.float32)
+#: The dtype of every index array: row pointers, columns, W^T's structure, block metadata.
+INDEX = torch.int32
 
 _LAYERS: dict[int, weakref.ref] = {}
 _HANDLES = itertools.count()
@@ -102,6 +105,37 @@ def unpack(tiles: Tensor, batch: int) -> Tensor:
     return tiles.transpose(1, 2).reshape(-1, tiles.shape[1])[:batch].contiguous()
 
 
+def check_index_range(out_features: int, in_features: int, nnz: int) -> None:
+    """ValueError unless the indices of a ``out_features x in_features`` weight with ``nnz``
+    non-zeros fit :data:`INDEX` (int32)."""
+    limit = torch.iinfo(INDEX).max
+    if max(out_features, in_features, nnz) > limit:
+        raise ValueError(f"a CSR weight of {out_features}x{in_features} with {nnz} non-zeros "
+                         f"does not fit int32 indices: its dimensions and its number of "
+                         f"non-zeros must stay below 2**31; use backend='masked'")
+
+
+def row_pointers(rows: Tensor, n: int) -> Tensor:
+    """The ``n + 1`` pointers (:data:`INDEX`) of the rows ``rows`` (sorted) of a CSR structure."""
+    ptr = torch.zeros(n + 1, dtype=INDEX, device=rows.device)
+    ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    return ptr
+
+
+def transpose(crow: Tensor, col: Tensor, cols: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The structure of ``W^T`` for the CSR structure ``(crow, col)`` of a weight with ``cols``
+    columns: its row pointers, the row of ``W`` of each of its non-zeros and their places in
+    ``W``'s order (all :data:`INDEX`), non-zeros by column and rows in order within one. A
+    counting sort on the CPU with the kernels, O(nnz + cols); a stable argsort otherwise."""
+    kernels = compiled_kernels()
+    if kernels is not None and col.device.type == "cpu":
+        return tuple(kernels.csr_transpose(crow.contiguous(), col.contiguous(), cols))
+    perm = torch.argsort(col, stable=True)
+    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=col.device),
+                                   crow[1:] - crow[:-1])
+    return (row_pointers(col, cols), rows.index_select(0, perm).to(INDEX), perm.to(INDEX))
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
     with warnings.catch_warnings():  # torch calls its CSR support "beta" on first use
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -127,8 +161,9 @@ def _check(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, in_features: in
     if x.dtype != values.dtype or x.dtype not in DTYPES:
         raise ValueError(f"csr_linear: inputs ({x.dtype}) and values ({values.dtype}) must be "
                          f"one of {', '.join(str(d) for d in DTYPES)}, the same for both")
-    if crow.dtype != torch.int64 or col.dtype != torch.int64:
-        raise ValueError("csr_linear: crow and col must be int64")
+    if crow.dtype != INDEX or col.dtype != INDEX:
+        raise ValueError(f"csr_linear: crow and col must be int32, got {crow.dtype} and "
+                         f"{col.dtype}")
 
 
 def check_bias(bias: Tensor | None, rows: int, x: Tensor, what: str) -> None:

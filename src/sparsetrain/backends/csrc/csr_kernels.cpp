@@ -1,6 +1,9 @@
 // CSR kernels for sparsetrain's CSRLinear, parallel with OpenMP.
 //
 // W is rows x cols with non-zeros (r, col[k], values[k]), r given by the row pointers crow.
+// Every index array (crow, col, the structure of W^T, the block metadata) is int32, 4 bytes a
+// non-zero: dimensions and numbers of non-zeros stay below 2^31 (CSRLinear checks), and
+// offsets computed from them are int64.
 // Dense operands are packed "tile-major": (tiles, features, BT), the batch cut into tiles of BT
 // examples (zero-padded), each tile one contiguous block. A kernel works through one tile at a
 // time: the BT accumulators of a row stay in vector registers, and the tile's block of the
@@ -11,7 +14,8 @@
 //   csr_forward      y[b, r]         = sum_k values[k] x[b, col[k]]
 //   csr_weight_grad  grad[k]         = sum_b gy[b, r] x[b, col[k]]      (at the non-zeros)
 // The input gradient grad_y W is csr_forward of W^T, whose structure the caller keeps (a
-// gathering product runs several times faster than scattering into the gradient).
+// gathering product runs several times faster than scattering into the gradient); csr_transpose
+// builds it in O(nnz + cols) by a stable counting sort of the non-zeros by column.
 // Weights in aligned blocks of R x C have kernels of their own (block_forward,
 // block_input_grad(_rows), block_weight_grad: see "Block-sparse products" below), which reuse
 // each loaded slice of activations or gradients for the rows or columns of a block.
@@ -39,6 +43,9 @@
 #endif
 
 namespace {
+
+// The type of every index array (row pointers, column indices, W^T's structure, block metadata).
+using idx_t = int32_t;
 
 // Batch tile: 4 AVX-512 registers (64 floats, 32 doubles); 64 for 16-bit types, whose sums
 // are float32.
@@ -198,7 +205,7 @@ void forward_rows(const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t ba
 }
 
 template <typename T>
-void forward(const int64_t* crow, const int64_t* col, const acc_t<T>* values, const T* x_tiles,
+void forward(const idx_t* crow, const idx_t* col, const acc_t<T>* values, const T* x_tiles,
              T* y, int64_t rows, int64_t cols, int64_t batch, const acc_t<T>* bias) {
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>();
@@ -208,7 +215,7 @@ void forward(const int64_t* crow, const int64_t* col, const acc_t<T>* values, co
     for (int b = 0; b < BT; ++b) acc[b] = 0;
     for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
       const A v = values[k];
-      const T* d = tile + col[k] * BT;
+      const T* d = tile + int64_t(col[k]) * BT;
 #pragma GCC unroll 64
       for (int b = 0; b < BT; ++b) acc[b] += v * static_cast<A>(d[b]);
     }
@@ -251,22 +258,22 @@ inline __m512 load16(const at::Half* p) {
 // forward for the 16-bit types: each non-zero's 64 inputs widened and multiplied in float32.
 template <typename T>
 void forward16_widen(const float* values, const T* tile, int64_t k0, int64_t k1,
-                     const int64_t* col, __m512 a[4]) {
+                     const idx_t* col, __m512 a[4]) {
   for (int64_t k = k0; k < k1; ++k) {
     const __m512 v = _mm512_set1_ps(values[k]);
-    const T* d = tile + col[k] * 64;
+    const T* d = tile + int64_t(col[k]) * 64;
     for (int i = 0; i < 4; ++i) a[i] = _mm512_fmadd_ps(v, load16(d + 16 * i), a[i]);
   }
 }
 
 #if defined(__AVX512BF16__)
 // One pair of non-zeros (k, k + 1) into the accumulators acc (lo0, hi0, lo1, hi1).
-inline void bf16_pair(const uint16_t* v16, const at::BFloat16* tile, const int64_t* col,
+inline void bf16_pair(const uint16_t* v16, const at::BFloat16* tile, const idx_t* col,
                       int64_t k, __m512 acc[4]) {
   const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(
       static_cast<uint32_t>(v16[k]) | (static_cast<uint32_t>(v16[k + 1]) << 16)));
-  const at::BFloat16* p = tile + col[k] * 64;
-  const at::BFloat16* q = tile + col[k + 1] * 64;
+  const at::BFloat16* p = tile + int64_t(col[k]) * 64;
+  const at::BFloat16* q = tile + int64_t(col[k + 1]) * 64;
   const __m512i p0 = _mm512_loadu_si512(p), p1 = _mm512_loadu_si512(p + 32);
   const __m512i q0 = _mm512_loadu_si512(q), q1 = _mm512_loadu_si512(q + 32);
   acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_unpacklo_epi16(p0, q0), v);
@@ -279,7 +286,7 @@ inline void bf16_pair(const uint16_t* v16, const at::BFloat16* tile, const int64
 // (unpacklo/hi within 128-bit lanes) against their two values. The interleaving permutes the
 // batch the same way for every pair, and the order is restored once per row.
 inline void forward_bf16_pairs(const at::BFloat16* values, const at::BFloat16* tile, int64_t k0,
-                               int64_t k1, const int64_t* col, __m512 a[4]) {
+                               int64_t k1, const idx_t* col, __m512 a[4]) {
   __m512 acc[4];
   for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
   const uint16_t* v16 = reinterpret_cast<const uint16_t*>(values);
@@ -296,14 +303,14 @@ inline void forward_bf16_pairs(const at::BFloat16* values, const at::BFloat16* t
   a[3] = _mm512_permutex2var_ps(lo1, second, hi1);
   if (k < k1) {  // an odd last non-zero
     const __m512 v = _mm512_set1_ps(static_cast<float>(values[k]));
-    const at::BFloat16* d = tile + col[k] * 64;
+    const at::BFloat16* d = tile + int64_t(col[k]) * 64;
     for (int i = 0; i < 4; ++i) a[i] = _mm512_fmadd_ps(v, load16(d + 16 * i), a[i]);
   }
 }
 #endif
 
 template <typename T>
-void forward16(const int64_t* crow, const int64_t* col, const float* values, const T* values16,
+void forward16(const idx_t* crow, const idx_t* col, const float* values, const T* values16,
                const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t batch,
                const float* bias) {
   forward_rows<T>(x_tiles, y, rows, cols, batch, [&](const T* tile, int64_t r, float* sums) {
@@ -343,7 +350,7 @@ inline __m512 products64(const __m512 a[4], const T* c) {
 // shuffles (about 3 instructions a non-zero instead of a full horizontal sum each), and the 16
 // sums added to the gradient at once. bfloat16 with AVX512-BF16 takes the products in pairs.
 template <typename T>
-void weight_grad_avx512(const int64_t* crow, const int64_t* col, const T* gy_tiles,
+void weight_grad_avx512(const idx_t* crow, const idx_t* col, const T* gy_tiles,
                         const T* x_tiles, float* grad, int64_t rows, int64_t cols,
                         int64_t batch) {
   constexpr int BT = 64;
@@ -371,7 +378,7 @@ void weight_grad_avx512(const int64_t* crow, const int64_t* col, const T* gy_til
         __m512 s[16];
         for (int j = 0; j < 16; ++j) {
           if (j >= m) { s[j] = _mm512_setzero_ps(); continue; }
-          const T* c = x_tile + col[k0 + j] * BT;
+          const T* c = x_tile + int64_t(col[k0 + j]) * BT;
 #if defined(__AVX512BF16__)
           if constexpr (std::is_same_v<T, at::BFloat16>) {
             const __m512 z = _mm512_setzero_ps();
@@ -395,7 +402,7 @@ void weight_grad_avx512(const int64_t* crow, const int64_t* col, const T* gy_til
 // Every tile of a non-zero's column in one pass, the BT partial sums kept in registers and
 // reduced once per non-zero (reducing per tile cost more than the tiles' cache locality won).
 template <typename T>
-void weight_grad(const int64_t* crow, const int64_t* col, const T* gy_tiles, const T* x_tiles,
+void weight_grad(const idx_t* crow, const idx_t* col, const T* gy_tiles, const T* x_tiles,
                  acc_t<T>* grad, int64_t rows, int64_t cols, int64_t batch) {
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>();
@@ -439,7 +446,7 @@ void weight_grad(const int64_t* crow, const int64_t* col, const T* gy_tiles, con
 // The forward and weight gradient kernels of dtype T: AVX-512 where built with it (the 16-bit
 // types, and float32 for the weight gradient), the portable loops otherwise.
 template <typename T>
-void forward_any(const int64_t* crow, const int64_t* col, const acc_t<T>* values,
+void forward_any(const idx_t* crow, const idx_t* col, const acc_t<T>* values,
                  const T* values16, const T* x_tiles, T* y, int64_t rows, int64_t cols,
                  int64_t batch, const acc_t<T>* bias) {
 #if defined(__AVX512F__)
@@ -453,7 +460,7 @@ void forward_any(const int64_t* crow, const int64_t* col, const acc_t<T>* values
 }
 
 template <typename T>
-void weight_grad_any(const int64_t* crow, const int64_t* col, const T* gy_tiles,
+void weight_grad_any(const idx_t* crow, const idx_t* col, const T* gy_tiles,
                      const T* x_tiles, acc_t<T>* grad, int64_t rows, int64_t cols,
                      int64_t batch) {
 #if defined(__AVX512F__)
@@ -520,20 +527,20 @@ struct BlockAddr {
 };
 
 template <Layout LY>
-inline BlockAddr block_addr(const int64_t* ptr, const int64_t* idx, int64_t ob, int64_t k,
+inline BlockAddr block_addr(const idx_t* ptr, const idx_t* idx, int64_t ob, int64_t k,
                             int ro, int ci) {
   if constexpr (LY == Layout::W) {
     const int64_t nb = ptr[ob + 1] - ptr[ob];
-    return {int64_t(ro) * ci * ptr[ob] + (k - ptr[ob]) * ci, idx[k] * ci, nb * ci};
+    return {int64_t(ro) * ci * ptr[ob] + (k - ptr[ob]) * ci, int64_t(idx[k]) * ci, nb * ci};
   } else {
-    return {k * ro * ci, idx[k] * ci, ci};
+    return {k * ro * ci, int64_t(idx[k]) * ci, ci};
   }
 }
 
 // Sums of RG rows (i0 .. i0+RG-1 of output block row ob) over batch part `part` (NV vectors)
 // of a tile, for ro x ci blocks (CI = ci known when compiled, or 0).
 template <typename T, int RG, int NV, int CI, Layout LY>
-void block_group(const T* tile, const acc_t<T>* vals, const int64_t* ptr, const int64_t* idx,
+void block_group(const T* tile, const acc_t<T>* vals, const idx_t* ptr, const idx_t* idx,
                  int64_t ob, int i0, int part, int ro, int ci, acc_t<T>* sums) {
   using V = vec_t<T>;
   constexpr int L = lanes<T>(), BT = tile_width<T>();
@@ -577,7 +584,7 @@ void for_group_sizes(F f) {
 // All rows of output block row ob: groups of 16, 8, 4, 2 and 1 rows, each over the parts of
 // the tile its registers allow.
 template <typename T, int CI, Layout LY>
-void block_row_sums(const T* tile, const acc_t<T>* vals, const int64_t* ptr, const int64_t* idx,
+void block_row_sums(const T* tile, const acc_t<T>* vals, const idx_t* ptr, const idx_t* idx,
                     int64_t ob, int ro, int ci, acc_t<T>* sums) {
   constexpr int BT = tile_width<T>(), NT = BT / lanes<T>();  // vectors per tile row
   int i0 = 0;
@@ -611,7 +618,7 @@ void with_size(int n, F f) {
 // ptr, block columns idx) with the packed operand x_tiles (tiles, cols, BT); output block rows
 // in chunks of at least 16 rows, written out together (as forward_rows does).
 template <typename T, Layout LY>
-void block_forward_impl(const int64_t* ptr, const int64_t* idx, const acc_t<T>* vals,
+void block_forward_impl(const idx_t* ptr, const idx_t* idx, const acc_t<T>* vals,
                         const T* x_tiles, T* y, int64_t n_ob, int ro, int ci, int64_t cols,
                         int64_t batch, const acc_t<T>* bias = nullptr) {
   using A = acc_t<T>;
@@ -651,8 +658,8 @@ void block_forward_impl(const int64_t* ptr, const int64_t* idx, const acc_t<T>* 
 // of block columns), so that no two threads add to one slice; grad_x is summed in the sum type,
 // tile-major, and unpacked (rounded once) at the end.
 template <typename T, int RG, int NV, int CI>
-void scatter_group(const T* g_tile, const acc_t<T>* vals, const int64_t* b_ptr,
-                   const int64_t* b_col, int64_t br, int i0, int part, int R, int C, int64_t k0,
+void scatter_group(const T* g_tile, const acc_t<T>* vals, const idx_t* b_ptr,
+                   const idx_t* b_col, int64_t br, int i0, int part, int R, int C, int64_t k0,
                    int64_t k1, acc_t<T>* gx_tile) {
   using V = vec_t<T>;
   constexpr int L = lanes<T>(), BT = tile_width<T>();
@@ -665,7 +672,7 @@ void scatter_group(const T* g_tile, const acc_t<T>* vals, const int64_t* b_ptr,
   const acc_t<T>* v0 = vals + int64_t(R) * C * b_ptr[br] + i0 * si;
   for (int64_t k = k0; k < k1; ++k) {
     const acc_t<T>* v = v0 + (k - b_ptr[br]) * C;
-    acc_t<T>* o = gx_tile + b_col[k] * C * BT + part * NV * L;
+    acc_t<T>* o = gx_tile + int64_t(b_col[k]) * C * BT + part * NV * L;
 #pragma GCC unroll 16
     for (int c = 0; c < nc; ++c) {
       V acc[NV];
@@ -682,7 +689,7 @@ void scatter_group(const T* g_tile, const acc_t<T>* vals, const int64_t* b_ptr,
 }
 
 template <typename T>
-void block_input_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const acc_t<T>* vals,
+void block_input_grad_impl(const idx_t* b_ptr, const idx_t* b_col, const acc_t<T>* vals,
                            const T* gy_tiles, acc_t<T>* gx_tiles, int64_t nbr, int R, int C,
                            int64_t cols, int64_t batch) {
   using A = acc_t<T>;
@@ -701,8 +708,8 @@ void block_input_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const acc
       A* gx_tile = gx_tiles + t * cols * BT;
       std::fill(gx_tile + bc0 * C * BT, gx_tile + bc1 * C * BT, A(0));
       for (int64_t br = 0; br < nbr; ++br) {
-        const int64_t* first = b_col + b_ptr[br];
-        const int64_t* last = b_col + b_ptr[br + 1];
+        const idx_t* first = b_col + b_ptr[br];
+        const idx_t* last = b_col + b_ptr[br + 1];
         const int64_t k0 = std::lower_bound(first, last, bc0) - b_col;
         const int64_t k1 = std::lower_bound(b_col + k0, last, bc1) - b_col;
         if (k0 == k1) continue;
@@ -723,12 +730,12 @@ void block_input_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const acc
 
 // W's values in W^T's block order, each C x R block of W^T whole and row-major.
 template <typename A>
-void gather_transposed(const A* vals, const int64_t* b_ptr, const int64_t* t_brow,
-                       const int64_t* t_blk, int64_t n_blocks, int R, int C, A* out) {
+void gather_transposed(const A* vals, const idx_t* b_ptr, const idx_t* t_brow,
+                       const idx_t* t_blk, int64_t n_blocks, int R, int C, A* out) {
 #pragma omp parallel for schedule(static)
   for (int64_t kt = 0; kt < n_blocks; ++kt) {
     const int64_t br = t_brow[kt], nb = b_ptr[br + 1] - b_ptr[br];
-    const A* v = vals + int64_t(R) * C * b_ptr[br] + (t_blk[kt] - b_ptr[br]) * C;
+    const A* v = vals + int64_t(R) * C * b_ptr[br] + int64_t(t_blk[kt] - b_ptr[br]) * C;
     A* o = out + kt * R * C;
     for (int i = 0; i < R; ++i)
       for (int c = 0; c < C; ++c) o[c * R + i] = v[i * nb * C + c];
@@ -799,7 +806,7 @@ void weight_grad_group(const T* gy_tiles, const T* x_tiles, const int64_t* col_o
 // grad (in W's value order) = grad_y^T x at the active blocks, block row by block row: its
 // R rows share one list of columns, taken in groups of 16 / RG for groups of RG rows.
 template <typename T>
-void block_weight_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const T* gy_tiles,
+void block_weight_grad_impl(const idx_t* b_ptr, const idx_t* b_col, const T* gy_tiles,
                             const T* x_tiles, acc_t<T>* grad, int64_t nbr, int R, int C,
                             int64_t cols, int64_t batch) {
   constexpr int BT = tile_width<T>();
@@ -812,7 +819,7 @@ void block_weight_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const T*
       const int64_t nb = b_ptr[br + 1] - b_ptr[br], n = nb * C;
       col_of.resize(n + 16);
       for (int64_t j = 0; j < nb; ++j)
-        for (int c = 0; c < C; ++c) col_of[j * C + c] = b_col[b_ptr[br] + j] * C + c;
+        for (int c = 0; c < C; ++c) col_of[j * C + c] = int64_t(b_col[b_ptr[br] + j]) * C + c;
       acc_t<T>* g0 = grad + int64_t(R) * C * b_ptr[br];
       int i0 = 0;
       auto run = [&](auto rg_tag) {
@@ -831,14 +838,14 @@ void block_weight_grad_impl(const int64_t* b_ptr, const int64_t* b_col, const T*
 }
 
 void check_blocks(const torch::Tensor& ptr, const torch::Tensor& idx, const char* what) {
-  TORCH_CHECK(ptr.scalar_type() == torch::kInt64 && idx.scalar_type() == torch::kInt64 &&
+  TORCH_CHECK(ptr.scalar_type() == torch::kInt32 && idx.scalar_type() == torch::kInt32 &&
               ptr.is_contiguous() && idx.is_contiguous() && ptr.dim() == 1 && ptr.numel() >= 1,
-              what, ": block indices must be contiguous 1-D int64 tensors");
+              what, ": block indices must be contiguous 1-D int32 tensors");
 }
 
 void check_indices(const torch::Tensor& crow, const torch::Tensor& col, const char* what) {
-  TORCH_CHECK(crow.scalar_type() == torch::kInt64 && col.scalar_type() == torch::kInt64,
-              what, ": CSR indices must be int64");
+  TORCH_CHECK(crow.scalar_type() == torch::kInt32 && col.scalar_type() == torch::kInt32,
+              what, ": CSR indices must be int32");
   TORCH_CHECK(crow.is_contiguous() && col.is_contiguous(), what, ": indices must be contiguous");
 }
 
@@ -913,7 +920,7 @@ torch::Tensor csr_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor v
   auto y = torch::empty({batch, rows}, x_tiles.options());
   ST_DISPATCH(values.scalar_type(), "csr_forward", [&] {
     using A = acc_t<scalar_t>;
-    forward_any<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+    forward_any<scalar_t>(crow.data_ptr<idx_t>(), col.data_ptr<idx_t>(),
                           acc_values.data_ptr<A>(), values.data_ptr<scalar_t>(),
                           x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, cols,
                           batch, acc_bias.defined() ? acc_bias.data_ptr<A>() : nullptr);
@@ -932,11 +939,61 @@ torch::Tensor csr_weight_grad(torch::Tensor crow, torch::Tensor col, torch::Tens
   const auto type = gy_tiles.scalar_type();
   auto grad = torch::empty({col.size(0)}, gy_tiles.options().dtype(acc_type(type)));
   ST_DISPATCH(type, "csr_weight_grad", [&] {
-    weight_grad_any<scalar_t>(crow.data_ptr<int64_t>(), col.data_ptr<int64_t>(),
+    weight_grad_any<scalar_t>(crow.data_ptr<idx_t>(), col.data_ptr<idx_t>(),
                               gy_tiles.data_ptr<scalar_t>(), x_tiles.data_ptr<scalar_t>(),
                               grad.data_ptr<acc_t<scalar_t>>(), rows, cols, batch);
   });
   return grad.scalar_type() == type ? grad : grad.to(type);
+}
+
+// The structure of W^T, (t_crow, t_row, t_perm): row pointers, the row of W of each non-zero and
+// its place in W's order, non-zeros by column and rows in order within one (a stable counting
+// sort). Each thread counts the columns of a run of rows of about equal non-zeros; a prefix sum
+// over columns, then threads, gives each thread its first slot in every column, and each
+// scatters its rows in order.
+std::vector<torch::Tensor> csr_transpose(torch::Tensor crow, torch::Tensor col, int64_t cols) {
+  check_indices(crow, col, "csr_transpose");
+  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1 && col.dim() == 1 && cols >= 0,
+              "csr_transpose: expected 1-D row pointers and column indices");
+  const int64_t rows = crow.numel() - 1, nnz = col.numel();
+  auto t_crow = torch::empty({cols + 1}, crow.options());
+  auto t_row = torch::empty({nnz}, crow.options()), t_perm = torch::empty({nnz}, crow.options());
+  const idx_t *cp = crow.data_ptr<idx_t>(), *cl = col.data_ptr<idx_t>();
+  idx_t *tc = t_crow.data_ptr<idx_t>(), *tr = t_row.data_ptr<idx_t>();
+  idx_t* tp = t_perm.data_ptr<idx_t>();
+  // a thread's counts (cols of them) are worth it only beside enough non-zeros of its own
+  const int threads = static_cast<int>(std::clamp<int64_t>(
+      nnz / std::max<int64_t>(cols, 1 << 16), 1, omp_get_max_threads()));
+  std::vector<idx_t> next(threads * cols, 0);
+#pragma omp parallel num_threads(threads)
+  {
+    const int n = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t r0 = std::lower_bound(cp, cp + rows, nnz * t / n) - cp;
+    const int64_t r1 = t + 1 == n ? rows : std::lower_bound(cp, cp + rows, nnz * (t + 1) / n) - cp;
+    idx_t* mine = next.data() + t * cols;
+    for (int64_t k = cp[r0]; k < cp[r1]; ++k) ++mine[cl[k]];
+#pragma omp barrier
+#pragma omp single
+    {
+      int64_t slot = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        tc[c] = static_cast<idx_t>(slot);
+        for (int u = 0; u < n; ++u) {
+          const idx_t count = next[u * cols + c];
+          next[u * cols + c] = static_cast<idx_t>(slot);
+          slot += count;
+        }
+      }
+      tc[cols] = static_cast<idx_t>(slot);
+    }
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = cp[r]; k < cp[r + 1]; ++k) {
+        const idx_t s = mine[cl[k]]++;
+        tr[s] = static_cast<idx_t>(r);
+        tp[s] = static_cast<idx_t>(k);
+      }
+  }
+  return {t_crow, t_row, t_perm};
 }
 
 // The values of a block-sparse weight, widened to the sum type, after checking their number.
@@ -964,7 +1021,7 @@ torch::Tensor block_forward(torch::Tensor b_ptr, torch::Tensor b_col, torch::Ten
   ST_DISPATCH(values.scalar_type(), "block_forward", [&] {
     using A = acc_t<scalar_t>;
     block_forward_impl<scalar_t, Layout::W>(
-        b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(), acc_values.data_ptr<A>(),
+        b_ptr.data_ptr<idx_t>(), b_col.data_ptr<idx_t>(), acc_values.data_ptr<A>(),
         x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), nbr, R, C, cols, batch,
         acc_bias.defined() ? acc_bias.data_ptr<A>() : nullptr);
   });
@@ -988,11 +1045,11 @@ torch::Tensor block_input_grad(torch::Tensor t_ptr, torch::Tensor t_brow, torch:
   auto values_t = torch::empty_like(acc_values);
   ST_DISPATCH(values.scalar_type(), "block_input_grad", [&] {
     using A = acc_t<scalar_t>;
-    gather_transposed<A>(acc_values.data_ptr<A>(), b_ptr.data_ptr<int64_t>(),
-                         t_brow.data_ptr<int64_t>(), t_blk.data_ptr<int64_t>(), t_blk.numel(), R,
+    gather_transposed<A>(acc_values.data_ptr<A>(), b_ptr.data_ptr<idx_t>(),
+                         t_brow.data_ptr<idx_t>(), t_blk.data_ptr<idx_t>(), t_blk.numel(), R,
                          C, values_t.data_ptr<A>());
-    block_forward_impl<scalar_t, Layout::BSR>(t_ptr.data_ptr<int64_t>(),
-                                              t_brow.data_ptr<int64_t>(), values_t.data_ptr<A>(),
+    block_forward_impl<scalar_t, Layout::BSR>(t_ptr.data_ptr<idx_t>(),
+                                              t_brow.data_ptr<idx_t>(), values_t.data_ptr<A>(),
                                               gy_tiles.data_ptr<scalar_t>(),
                                               gx.data_ptr<scalar_t>(), nbc, C, R, nbr * R, batch);
   });
@@ -1014,7 +1071,7 @@ torch::Tensor block_input_grad_rows(torch::Tensor b_ptr, torch::Tensor b_col,
   auto gx = torch::empty({batch, cols}, gy_tiles.options());
   ST_DISPATCH(values.scalar_type(), "block_input_grad_rows", [&] {
     using A = acc_t<scalar_t>;
-    block_input_grad_impl<scalar_t>(b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(),
+    block_input_grad_impl<scalar_t>(b_ptr.data_ptr<idx_t>(), b_col.data_ptr<idx_t>(),
                                     acc_values.data_ptr<A>(), gy_tiles.data_ptr<scalar_t>(),
                                     gx_tiles.data_ptr<A>(), nbr, R, C, cols, batch);
     from_tiles<A, scalar_t>(gx_tiles.data_ptr<A>(), gx.data_ptr<scalar_t>(), batch, cols);
@@ -1035,7 +1092,7 @@ torch::Tensor block_weight_grad(torch::Tensor b_ptr, torch::Tensor b_col, torch:
   const auto type = gy_tiles.scalar_type();
   auto grad = torch::empty({b_col.numel() * R * C}, gy_tiles.options().dtype(acc_type(type)));
   ST_DISPATCH(type, "block_weight_grad", [&] {
-    block_weight_grad_impl<scalar_t>(b_ptr.data_ptr<int64_t>(), b_col.data_ptr<int64_t>(),
+    block_weight_grad_impl<scalar_t>(b_ptr.data_ptr<idx_t>(), b_col.data_ptr<idx_t>(),
                                      gy_tiles.data_ptr<scalar_t>(), x_tiles.data_ptr<scalar_t>(),
                                      grad.data_ptr<acc_t<scalar_t>>(), nbr, R, C, cols, batch);
   });
@@ -1052,6 +1109,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col"), py::arg("values"), py::arg("x_tiles"), py::arg("rows"), py::arg("cols"),
         py::arg("batch"), py::arg("bias") = py::none());
   m.def("csr_weight_grad", &csr_weight_grad, "grad_y^T x at the non-zeros of W, both packed");
+  m.def("csr_transpose", &csr_transpose, "(t_crow, t_row, t_perm): the structure of W^T");
   m.def("block_forward", &block_forward, "x W^T (+ bias) for W in R x C blocks, x packed",
         py::arg("b_ptr"), py::arg("b_col"), py::arg("values"), py::arg("x_tiles"), py::arg("R"),
         py::arg("C"), py::arg("cols"), py::arg("batch"), py::arg("bias") = py::none());
