@@ -11,8 +11,10 @@ from torch import nn
 
 import sparsetrain as st
 import sparsetrain.backends.csr_backend as csr_backend
+import sparsetrain.kernels as kernels_module
 from sparsetrain.backends import CSRLinear, to_csr, to_masked
 from sparsetrain.sparsity.permutation import DROP, GROW
+from tests.backends.conftest import quiet
 from tests.conftest import OPTIMIZERS, batches, tiny_cnn, train_step
 
 
@@ -286,3 +288,68 @@ def test_other_weight_dtypes_are_refused_at_construction(meta):
     # refused before anything was converted: the model and the optimizer are as they were
     assert all(type(m) is nn.Linear for m in model if not isinstance(m, nn.Tanh))
     assert all(a is b for a, b in zip(opt.param_groups[0]["params"], params))
+
+
+@quiet
+def test_set_active_moves_values_and_optimizer_state_along(kernels):
+    """Values and state of positions that stay move to their new places, new positions start at
+    zero, and ever-active grows by the new ones (with the compiled kernels and with torch's)."""
+    torch.manual_seed(0)
+    model = mlp(widths=(20, 300, 400, 5))  # sets large enough for the kernels' threads
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sp = st.Static(model, opt, density=0.5, total_steps=10, backend="csr")
+    for x, y in mlp_batches(2):
+        train_step(model, opt, sp, x, y)
+    layer, backend = model[2], sp.backend
+    old = layer.positions()
+    dense = [layer.dense_weight().reshape(-1)] + [
+        torch.zeros(layer.in_features * layer.out_features, dtype=s.dtype).index_put_((old,), s)
+        for s in state_tensors(opt, layer.values)]
+    free = torch.ones(dense[0].numel(), dtype=torch.bool)
+    free[old] = False
+    g = torch.Generator().manual_seed(1)
+    kept = old[torch.randperm(old.numel(), generator=g)[:old.numel() // 3]]
+    grown = free.nonzero().squeeze(1)[torch.randperm(int(free.sum()), generator=g)]
+    new = torch.sort(torch.cat([kept, grown[:old.numel() - kept.numel()]])).values
+    ever = backend.ever_active_positions("2.weight")
+    backend.set_active("2.weight", new)
+    assert torch.equal(layer.positions(), new)
+    stays = ~free[new]
+    for before, after in zip(dense, [layer.values.detach()] + state_tensors(opt, layer.values)):
+        assert torch.equal(after[stays], before[new[stays]])
+        assert not after[~stays].any()
+    assert backend.ever_active_positions("2.weight").tolist() == sorted(
+        set(ever.tolist()) | set(new.tolist()))
+
+
+@quiet
+@pytest.mark.parametrize("structure", [None, "block:4x1", "fan-in"])
+def test_updates_with_and_without_the_compiled_kernels_are_identical(monkeypatch, structure):
+    """The same run, its topology updates computed once with the compiled kernels and once with
+    torch's operations: the same positions, values and optimizer state."""
+    if kernels_module.compiled_kernels() is None:
+        pytest.skip("the compiled kernels cannot be built here")
+
+    def run(update_kernels: bool):
+        torch.manual_seed(0)
+        model = mlp(widths=(20, 400, 300, 5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        extra = {} if structure is None else {"structure": structure,
+                                               "dense_layers": ["4.weight"]}
+        sp = st.RigL(model, opt, density=0.4, total_steps=30, delta_t=3, backend="csr",
+                     **extra)
+        for x, y in mlp_batches(10):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            with monkeypatch.context() as m:  # only the step, which updates, without them
+                if not update_kernels:
+                    m.setattr(kernels_module, "_KERNELS", False)
+                sp.step()
+        return ([sp.backend.active_positions(n) for n in sp.names]
+                + [sp.backend.ever_active_positions(n) for n in sp.names]
+                + [p.detach().clone() for p in model.parameters()]
+                + [s.clone() for p in model.parameters() for s in state_tensors(opt, p)])
+
+    compiled, fallback = run(True), run(False)
+    assert len(compiled) == len(fallback)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, fallback))

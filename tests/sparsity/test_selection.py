@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+import sparsetrain.kernels as kernels_module
 from sparsetrain.sparsity.permutation import RandomOrder
-from sparsetrain.sparsity.selection import (RunningTopK, first_free, lower_bound_of_kth,
-                                            order_keys, select_global, top_k, top_k_mask)
+from sparsetrain.sparsity.selection import (RunningTopK, first_free, order_keys, sampled_bound,
+                                            select_global, top_k, top_k_mask)
 
 
 def reference_top_k(scores, k, keys):
@@ -19,11 +20,14 @@ def reference_top_k(scores, k, keys):
 
 
 @pytest.mark.parametrize("n,k,levels", [(10, 3, 3), (1000, 1, 5), (1000, 999, 2), (5000, 700, 0),
-                                        (700_000, 90_000, 50), (700_000, 650_000, 4)])
-def test_top_k_matches_the_full_sort(n, k, levels):
+                                        (700_000, 90_000, 50), (700_000, 650_000, 4),
+                                        (700_000, 500_000, 0), (700_000, 150_000, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_top_k_matches_the_full_sort(n, k, levels, dtype, kernels):
     g = torch.Generator().manual_seed(n + k)
     scores = (torch.randint(0, levels, (n,), generator=g).float() if levels
               else torch.randn(n, generator=g))  # levels: many ties
+    scores = (scores * 1000).to(dtype) if dtype == torch.int64 else scores.to(dtype)
     keys = order_keys(RandomOrder(n, 7))
     got = top_k(scores, k, keys)
     if n <= 5000:
@@ -39,6 +43,50 @@ def test_top_k_matches_the_full_sort(n, k, levels):
         if tied_out.any():
             assert keys(tied_in.nonzero().squeeze(1)).max() < keys(
                 tied_out.nonzero().squeeze(1)).min()
+
+
+def test_top_k_with_and_without_the_compiled_kernels_is_the_same(monkeypatch):
+    """Also for int64 scores that float64 cannot tell apart (beyond 2^53)."""
+    if kernels_module.compiled_kernels() is None:
+        pytest.skip("the compiled kernels cannot be built here")
+    g = torch.Generator().manual_seed(3)
+    n = 600_000
+    huge = (1 << 60) + torch.randint(0, 4096, (n,), generator=g)  # 256 a float64
+    cases = [(huge, 1000), (huge, 590_000), (torch.randn(n, generator=g), 400_000),
+             (torch.randint(0, 3, (n,), generator=g).double(), 200_000)]
+    keys = order_keys(RandomOrder(n, 4))
+    compiled = [top_k(scores, k, keys) for scores, k in cases]
+    monkeypatch.setattr(kernels_module, "_KERNELS", False)
+    for (scores, k), got in zip(cases, compiled):
+        expected = top_k(scores, k, keys)
+        assert torch.equal(got, expected) and got.numel() == k
+    top = top_k(huge[:20], 5, keys)  # small: against the full sort
+    assert torch.equal(top, reference_top_k(huge[:20], 5, keys))
+
+
+def test_compiled_kth_largest_is_torchs_kthvalue():
+    """Radix selection against ``kthvalue``: ties, zeros of both signs, infinities, subnormals,
+    sizes for one thread and for several; an empty answer where a score is NaN."""
+    kernels = kernels_module.compiled_kernels()
+    if kernels is None:
+        pytest.skip("the compiled kernels cannot be built here")
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 7, 3000, 100_000):
+        signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        wide = torch.randn(n, generator=g)
+        for x in (wide, wide * 1e-40, torch.randint(-3, 4, (n,), generator=g) * signs,
+                  torch.where(torch.rand(n, generator=g) < 0.2, -math.inf, wide.abs()),
+                  torch.where(torch.rand(n, generator=g) < 0.2, math.inf, wide),
+                  torch.full((n,), 2.5)):
+            for dtype in (torch.float32, torch.float64):
+                x = x.to(dtype)
+                for k in sorted({1, n, (n + 1) // 2, n // 3 + 1}):
+                    got = kernels.kth_largest(x, k)
+                    assert got.dtype == dtype and got.dim() == 0
+                    assert got == torch.kthvalue(x, n - k + 1).values
+    x = torch.randn(1000, generator=g)
+    x[5] = math.nan
+    assert kernels.kth_largest(x, 3).numel() == 0
 
 
 def test_top_k_edge_cases_and_half_types():
@@ -64,7 +112,7 @@ def test_ties_are_random_reproducible_and_uniform():
     assert 850 < chi2 < 1150 and 8 < counts.min() and counts.max() < 55
 
 
-def test_lower_bound_of_the_kth_largest():
+def test_sampled_bounds_of_the_kth_largest_and_smallest():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(2_000_000, generator=g)
     skip = torch.sort(torch.randperm(2_000_000, generator=g)[:200_000]).values
@@ -72,11 +120,13 @@ def test_lower_bound_of_the_kth_largest():
     keep[skip] = False
     for k in (1, 100, 50_000, 1_000_000):
         for closed in (None, skip):
-            t = lower_bound_of_kth(scores, k, closed)
             eligible = scores if closed is None else scores[keep]
-            assert int((eligible >= t).sum()) >= k
-            if k <= 50_000:  # a useful bound: not many more than k go on
-                assert int((eligible >= t).sum()) < 3 * k + 5000
+            for top in (True, False):
+                t = sampled_bound(scores, k, closed, top=top)
+                beyond = int((eligible >= t).sum() if top else (eligible <= t).sum())
+                assert beyond >= k
+                if k <= 50_000:  # a useful bound: not many more than k go on
+                    assert beyond < 3 * k + 5000
 
 
 @pytest.mark.parametrize("block", [7, 64, 1000])

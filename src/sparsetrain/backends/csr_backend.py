@@ -27,14 +27,14 @@ import torch
 from torch import nn
 
 from .. import collectives
-from ..sparsity.positions import union_sorted
+from ..sparsity.positions import match_sorted, union_sorted
 from ..sparsity.targets import Target
 from .base import BLOCK_ELEMENTS, Block, row_blocks, row_multiple, unavailable
 from .conversion import csr_eligibility
 from .csr import CSRLinear, _default_init
 from .csr_ops import DTYPES as CSR_DTYPES
 from .masked import MaskedBackend, flat_get
-from .optimizer_state import remap_state, state_tensors, swap_param
+from .optimizer_state import state_tensors, swap_param, take_state
 
 #: Fewest elements of a gradient block, so that the products stay large enough to run fast.
 MIN_BLOCK_ELEMENTS = 1 << 20
@@ -270,11 +270,8 @@ class CSRBackend:
             raise ValueError(f"backend 'csr' keeps the number of weights of {name!r} fixed at "
                              f"{layer.nnz}; got {positions.numel()} positions")
         positions = positions.to(layer.values.device)
-        old = layer.positions()
-        where = torch.searchsorted(positions, old).clamp_(max=max(0, positions.numel() - 1))
-        keep = positions[where] == old
-        remap_state(self.optimizer, layer.values, keep.nonzero().squeeze(1), where[keep])
-        layer.set_positions(positions)
-        new = torch.ones(positions.numel(), dtype=torch.bool, device=positions.device)
-        new[where[keep]] = False  # only positions not active before can be new to ever-active
-        self._ever[name] = union_sorted(self._ever[name], positions[new])
+        where, fresh = match_sorted(layer.positions(), positions)  # where each one was
+        layer.set_positions(positions)  # first: it raises on positions it cannot hold
+        take_state(self.optimizer, layer.values, where)
+        # only positions not active before can be new to ever-active
+        self._ever[name] = union_sorted(self._ever[name], fresh)

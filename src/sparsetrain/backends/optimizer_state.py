@@ -6,6 +6,8 @@ from typing import Callable
 
 import torch
 
+from ..kernels import compiled_kernels
+
 
 def swap_param(optimizer: torch.optim.Optimizer | None, old: torch.Tensor, new: torch.Tensor,
                convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -39,3 +41,20 @@ def remap_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, source: t
         moved = t[source].clone()
         t.zero_()
         t[target] = moved
+
+
+@torch.no_grad()
+def take_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
+               where: torch.Tensor) -> None:
+    """In place, for the 1-D ``param`` and its state: ``new[j] = old[where[j]]``, or 0 where
+    ``where[j] < 0`` (``where``: int64, as long as ``param``); one pass a tensor with the
+    compiled kernels, else ``remap_state``."""
+    tensors = [param.data, *state_tensors(optimizer, param)]
+    kernels = compiled_kernels() if where.device.type == "cpu" else None
+    if kernels is not None and all(t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
+                                   and not t.is_complex() for t in tensors):
+        for t in tensors:
+            t.copy_(kernels.gather_or_zero(t, where.contiguous()))
+        return
+    target = (where >= 0).nonzero().squeeze(1)
+    remap_state(optimizer, param, where[target], target)

@@ -2,27 +2,59 @@
 
 A layer's active set is a sorted 1-D int64 tensor of flat positions (row-major, as in
 ``weight.reshape(-1)``). These helpers convert between positions and dense masks and combine
-sorted sets by binary search, never by sorting their union.
+sorted sets without sorting their union: on the CPU with the compiled kernels in linear time
+(merges, ``set_kernels.cpp``), else by binary search with torch's operations (same results).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..kernels import compiled_kernels
+
+
+def _kernels(*tensors: torch.Tensor):
+    """The compiled kernels where every one of ``tensors`` is an int64 CPU tensor, else None."""
+    if all(t.device.type == "cpu" and t.dtype == torch.int64 for t in tensors):
+        return compiled_kernels()
+    return None
+
 
 def contains(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Bool tensor: whether each of ``queries`` is in the sorted ``sorted_values``."""
+    """Bool tensor: whether each of ``queries`` is in the sorted ``sorted_values`` (linear in
+    all for sorted queries with the compiled kernels, any order allowed)."""
     if sorted_values.numel() == 0:
         return torch.zeros(queries.shape, dtype=torch.bool, device=queries.device)
     sorted_values = sorted_values.to(queries.device)
+    kernels = _kernels(sorted_values, queries)
+    if kernels is not None:
+        return kernels.sorted_contains(sorted_values.reshape(-1).contiguous(),
+                                       queries.reshape(-1).contiguous()).view(queries.shape)
     where = torch.searchsorted(sorted_values, queries).clamp_(max=sorted_values.numel() - 1)
     return sorted_values[where] == queries
 
 
+def match_sorted(values: torch.Tensor, queries: torch.Tensor):
+    """``(where, missing)`` for the sorted ``values`` and sorted ``queries``: ``where[j]`` the
+    index of ``queries[j]`` in ``values``, or -1; ``missing`` the queries not in ``values``."""
+    values = values.to(queries.device)
+    kernels = _kernels(values, queries)
+    if kernels is not None:
+        return tuple(kernels.sorted_match(values.contiguous(), queries.contiguous()))
+    if values.numel() == 0:
+        return torch.full_like(queries, -1), queries.clone()
+    where = torch.searchsorted(values, queries).clamp_(max=values.numel() - 1)
+    found = values[where] == queries
+    return where.masked_fill_(~found, -1), queries[~found]
+
+
 def merge_sorted(a: torch.Tensor, b: torch.Tensor):
     """The union of the sorted, disjoint ``a`` and ``b``, sorted, and where the entries of
-    ``a`` and of ``b`` are in it; by binary search, without sorting the union."""
+    ``a`` and of ``b`` are in it (an entry of ``b`` goes before an equal one of ``a``)."""
     b = b.to(a.device)
+    kernels = _kernels(a, b)
+    if kernels is not None:
+        return tuple(kernels.merge_sorted(a.contiguous(), b.contiguous()))
     b_at = torch.searchsorted(a, b) + torch.arange(b.numel(), device=a.device)
     from_b = torch.zeros(a.numel() + b.numel(), dtype=torch.bool, device=a.device)
     from_b[b_at] = True
@@ -36,6 +68,9 @@ def merge_sorted(a: torch.Tensor, b: torch.Tensor):
 def union_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The union of two sorted sets of distinct positions, sorted."""
     b = b.to(a.device)
+    kernels = _kernels(a, b)
+    if kernels is not None:
+        return kernels.union_sorted(a.contiguous(), b.contiguous())
     return merge_sorted(a, b[~contains(a, b)])[0]
 
 

@@ -4,8 +4,8 @@ One tie rule everywhere: entries are ordered by score, and among equal scores by
 rank of the position in a :class:`~sparsetrain.sparsity.permutation.RandomOrder` fixed by (seed,
 purpose, step, layer). The lower rank wins. Ties therefore fall at random, yet identically on
 every backend and every data-parallel rank, and no layer is ever permuted or sorted: the k-th
-score is found by selection (``kthvalue``, on a sample first where the tensor is large) and only
-the entries tied with it get a key.
+score is found by selection (radix selection in the compiled kernels; else ``kthvalue``, on a
+sample first where the tensor is large) and only the entries tied with it get a key.
 
 ``keys`` arguments are callables ``indices -> int64 keys`` (distinct), called only for the
 entries that tie.
@@ -19,10 +19,14 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..kernels import compiled_kernels
 from .permutation import RandomOrder
 from .positions import contains
 
 Keys = Callable[[torch.Tensor], torch.Tensor]
+
+#: The dtypes of ``comparable`` scores, all of which the compiled selection kernels take.
+COMPARABLE = (torch.float32, torch.float64, torch.int64)
 
 #: Entries of the evenly spaced sample from which a bound of the k-th score is read.
 SAMPLE = 1 << 16
@@ -36,50 +40,50 @@ def comparable(scores: torch.Tensor) -> torch.Tensor:
     return flat.to(torch.int64) if not flat.is_floating_point() else flat.float()
 
 
-def sampled_bound(scores: torch.Tensor, k: int, skip: torch.Tensor | None = None) -> float:
-    """A guess of a score ``t`` with at least ``k`` entries ``>= t`` (outside the sorted offsets
-    ``skip``), close to the k-th largest: read off an evenly spaced sample with a safety margin,
-    so that only about ``k`` entries go on to an exact selection. Not checked: the caller
-    counts; ``-inf`` where the tensor is too small to sample."""
+def sampled_bound(scores: torch.Tensor, k: int, skip: torch.Tensor | None = None,
+                  top: bool = True) -> float:
+    """A guess of a score ``t`` with at least ``k`` entries ``>= t`` (``<= t`` where not
+    ``top``; outside the sorted offsets ``skip``), close to the k-th largest (smallest): read
+    off an evenly spaced sample with a safety margin, so that only about ``k`` entries go on to
+    an exact selection. Not checked: the caller counts; ``-inf`` (``inf``) where the tensor is
+    too small to sample."""
     n = scores.numel()
     available = n - (0 if skip is None else skip.numel())
+    none = -math.inf if top else math.inf
     if n <= 8 * SAMPLE or k <= 0 or k >= available:
-        return -math.inf
+        return none
     step = n // SAMPLE
     sample = scores[::step]
     if skip is not None and skip.numel():
         sampled_at = torch.arange(0, n, step, device=scores.device)[:sample.numel()]
         sample = sample[~contains(skip, sampled_at)]
     m = sample.numel()
-    p = k / available  # the share above the k-th; the sample quantile is off by ~sqrt(p(1-p)/m)
+    p = k / available  # the share beyond the k-th; the sample quantile is off by ~sqrt(p(1-p)/m)
     margin = 0.05 * p + 4 * math.sqrt(p * (1 - p) / max(1, m))
-    rank = int(m * max(0.0, 1 - p - margin))
+    rank = int(m * max(0.0, 1 - p - margin))  # from the bottom (top), from the top (not top)
     if rank < 1:
-        return -math.inf
-    return float(torch.kthvalue(sample, rank).values)
-
-
-def lower_bound_of_kth(scores: torch.Tensor, k: int, skip: torch.Tensor | None = None) -> float:
-    """``sampled_bound``, checked: at least ``k`` entries (outside ``skip``) are ``>= t``;
-    ``-inf`` where no bound is found."""
-    t = sampled_bound(scores, k, skip)
-    if t == -math.inf:
-        return t
-    above = scores >= t
-    if skip is not None and skip.numel():
-        above[skip] = False
-    return t if int(torch.count_nonzero(above)) >= k else -math.inf
+        return none
+    return float(torch.kthvalue(sample, rank if top else m + 1 - rank).values)
 
 
 def _kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of the 1-D ``scores`` (``1 <= k <= n``), in O(n)."""
+    """The k-th largest entry of the 1-D ``scores`` (``1 <= k <= n``), in O(n): by radix
+    selection with the compiled kernels (float scores), else by ``kthvalue`` on the entries
+    beyond a bound read off a sample, on the side of the k-th (the top or, for ``2k > n``, the
+    bottom), where that bound holds."""
+    kernels = compiled_kernels() if scores.device.type == "cpu" else None
+    if kernels is not None and scores.dtype.is_floating_point:
+        kth = kernels.kth_largest(scores.contiguous(), k)
+        if kth.numel():  # else a score is NaN
+            return kth
     n = scores.numel()
-    if 2 * k > n:  # nearer the bottom: the (n - k + 1)-th smallest
-        return torch.kthvalue(scores, n - k + 1).values
-    bound = lower_bound_of_kth(scores, k)
-    if bound > -math.inf:
-        scores = scores[scores >= bound]
-        n = scores.numel()
+    top = 2 * k <= n  # else the (n - k + 1)-th smallest
+    rank = k if top else n - k + 1
+    bound = sampled_bound(scores, rank, top=top)
+    if not math.isinf(bound):
+        near = scores[scores >= bound] if top else scores[scores <= bound]
+        if near.numel() >= rank:
+            return torch.kthvalue(near, near.numel() - rank + 1 if top else rank).values
     return torch.kthvalue(scores, n - k + 1).values
 
 
@@ -97,15 +101,20 @@ def top_k(scores: torch.Tensor, k: int, keys: Keys) -> torch.Tensor:
     if k >= n:
         return torch.arange(n, device=flat.device)
     kth = _kth_largest(flat, k)
-    chosen = flat > kth
-    tied = (flat == kth).nonzero().squeeze(1)
-    need = k - int(torch.count_nonzero(chosen))
-    if tied.numel() > need:
-        tie_keys = keys(tied)
+    kernels = compiled_kernels() if flat.device.type == "cpu" else None
+    if kernels is not None and flat.dtype in COMPARABLE:
+        chosen = kernels.indices_at_least(flat.contiguous(), kth.reshape(1))
+    else:
+        chosen = (flat >= kth).nonzero().squeeze(1)  # in index order, without a sort
+    if chosen.numel() > k:  # more entries tie with the k-th than places are left
+        tied = (flat[chosen] == kth).nonzero().squeeze(1)  # offsets in chosen
+        need = k - (chosen.numel() - tied.numel())
+        tie_keys = keys(chosen[tied])
         threshold = torch.kthvalue(tie_keys, need).values
-        tied = tied[tie_keys <= threshold]
-    chosen[tied] = True
-    return chosen.nonzero().squeeze(1)  # in index order, without a sort
+        keep = torch.ones(chosen.numel(), dtype=torch.bool, device=chosen.device)
+        keep[tied[tie_keys > threshold]] = False
+        chosen = chosen[keep]
+    return chosen
 
 
 def top_k_mask(scores: torch.Tensor, k: int, keys: Keys) -> torch.Tensor:
@@ -127,8 +136,6 @@ def at_least(scores: torch.Tensor, floor: float, skip: torch.Tensor) -> tuple[to
                                                                              torch.Tensor]:
     """``(scores[i], i)`` for the entries of the 1-D ``scores`` that are ``>= floor``, except
     the sorted offsets ``skip``; in index order. (One fused pass with the compiled kernels.)"""
-    from ..kernels import compiled_kernels
-
     kernels = compiled_kernels() if scores.device.type == "cpu" else None
     if (kernels is not None and scores.dtype in (torch.float32, torch.float64)
             and scores.is_contiguous()):
