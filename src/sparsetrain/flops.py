@@ -19,7 +19,9 @@ with hooks and counts, per layer, three kinds apart:
 
 Totals are per example (divided by the batch size of ``example_input``). A module that stores
 its weight in a form of its own (such as the CSR backend's layer) counts itself: it defines
-``forward_flops(inputs, output) -> (weight FLOPs, bias FLOPs)``. Embedding lookups cost nothing.
+``forward_flops(inputs, output) -> (weight FLOPs, bias FLOPs)``, or ``(weight FLOPs, bias FLOPs,
+other FLOPs)`` for a layer that also applies an activation (1 FLOP per output, as a separate
+activation module is counted). Embedding lookups cost nothing.
 A module of another type that owns a weight of two or more dimensions is not counted: the
 report lists it in ``uncounted`` (declare it with ``register_weight_layout(..., linear=True)``
 or give it ``forward_flops``), so the totals say what they cover.
@@ -132,7 +134,8 @@ def _count(module: nn.Module, inputs, output, masks, names) -> LayerFlops:
     if out is None:
         return result
     if callable(getattr(module, "forward_flops", None)):  # a layer that counts itself
-        result.weights, result.bias = module.forward_flops(inputs, output)
+        result.weights, result.bias, *other = module.forward_flops(inputs, output)
+        result.other = float(sum(other))
     elif _declared_linear(module) is not None:  # e.g. transformers' Conv1D (in x out)
         weight, layout = _declared_linear(module)
         positions = out.numel() // weight.shape[1 - layout.in_dim]

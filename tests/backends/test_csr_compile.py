@@ -1,5 +1,6 @@
 """CSRLinear under torch.compile: one graph with no breaks, equal to eager, no recompiles from
-step to step, and RigL's capture of (x, grad_y) on update steps working inside that graph."""
+step to step, and RigL's capture of (x, grad_y) on update steps working inside that graph; with
+and without a ReLU fused into the layers."""
 
 import copy
 
@@ -26,21 +27,29 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def csr_mlp(seed=0):
+def csr_mlp(seed=0, relu=False):
+    """Two CSR layers with a GELU between them, or with ``relu`` the ReLU of both fused."""
     torch.manual_seed(seed)
     first, second = nn.Linear(16, 32), nn.Linear(32, 8)
-    return nn.Sequential(CSRLinear.from_linear(first, torch.rand(32, 16) < 0.3), nn.GELU(),
-                         CSRLinear.from_linear(second, torch.rand(8, 32) < 0.3))
+    model = nn.Sequential(CSRLinear.from_linear(first, torch.rand(32, 16) < 0.3), nn.GELU(),
+                          CSRLinear.from_linear(second, torch.rand(8, 32) < 0.3))
+    if relu:
+        model[0].activation = model[2].activation = "relu"
+        model[1] = nn.Identity()
+    return model
 
 
-def test_explain_finds_one_graph_and_no_break():
-    explanation = torch._dynamo.explain(csr_mlp())(torch.randn(10, 3, 16))
+@pytest.mark.parametrize("relu", [False, True])
+def test_explain_finds_one_graph_and_no_break(relu):
+    explanation = torch._dynamo.explain(csr_mlp(relu=relu))(torch.randn(10, 3, 16))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("autocast, kernels", [(None, "compiled"), (torch.bfloat16, "compiled"),
                                                (None, "torch")])
-def test_compiled_steps_equal_eager_with_and_without_capture(autocast, kernels, monkeypatch):
+def test_compiled_steps_equal_eager_with_and_without_capture(autocast, kernels, relu,
+                                                             monkeypatch):
     """Alternating plain steps and steps that capture (as RigL's update steps do): results,
     gradients and captured tensors as in eager, from one compiled graph; with the compiled
     kernels and with torch's sparse operations in their place."""
@@ -48,7 +57,7 @@ def test_compiled_steps_equal_eager_with_and_without_capture(autocast, kernels, 
         monkeypatch.setattr(kernels_module, "_KERNELS", False)
     elif kernels_module.compiled_kernels() is None:
         pytest.skip("the compiled CSR kernels cannot be built here")
-    eager, model = csr_mlp(), csr_mlp()
+    eager, model = csr_mlp(relu=relu), csr_mlp(relu=relu)
     compiled = torch.compile(model)
     x = torch.randn(12, 16)
     tol = {} if autocast is None else {"rtol": 2e-2, "atol": 2e-2}
@@ -62,11 +71,13 @@ def test_compiled_steps_equal_eager_with_and_without_capture(autocast, kernels, 
             out_eager, out = eager(x), compiled(x)
         assert out.dtype == out_eager.dtype == (autocast or torch.float32)
         torch.testing.assert_close(out, out_eager, **tol)
+        assert not relu or ((out == 0).any() and (out >= 0).all())
         out_eager.float().square().sum().backward()
         out.float().square().sum().backward()
         for a, b in ((eager[0], model[0]), (eager[2], model[2])):
             assert b.values.grad.dtype == torch.float32
             torch.testing.assert_close(b.values.grad, a.values.grad, **tol)
+            torch.testing.assert_close(b.bias.grad, a.bias.grad, **tol)
             if capture:
                 assert len(a.capture) == len(b.capture) == 1
                 for ta, tb in zip(a.capture[0], b.capture[0]):

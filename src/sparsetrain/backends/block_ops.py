@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 
 from ..kernels import compiled_kernels
-from .csr_ops import (INDEX, _check, _saved_fake, check_bias, csr_linear, fallback_backward,
-                      gradient_tiles, packs, transpose, use_kernels)
+from .csr_ops import (INDEX, _check, _saved_fake, backward_fake, backward_with_bias,
+                      check_bias, csr_linear, fallback_backward, gradient_tiles, packs,
+                      transpose, use_kernels)
 
 
 def _bad(shape, block, why: str) -> ValueError:
@@ -90,26 +91,27 @@ def _dims(b_ptr: Tensor, block_rows: int) -> int:
 @torch.library.custom_op("sparsetrain::block_linear", mutates_args=())
 def block_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, b_ptr: Tensor,
                  b_col: Tensor, t_ptr: Tensor, t_brow: Tensor, t_blk: Tensor, block_rows: int,
-                 block_cols: int, in_features: int, layer: int,
-                 bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """``(x W^T + bias, saved)`` for a weight in ``block_rows x block_cols`` blocks (the bias,
-    in ``x``'s dtype, added as the kernel writes ``y``); ``crow`` and ``col`` serve the
-    fallback, ``layer`` is a handle from :func:`.csr_ops.register_layer`."""
+                 block_cols: int, in_features: int, layer: int, bias: Optional[Tensor] = None,
+                 relu: bool = False) -> tuple[Tensor, Tensor]:
+    """``(x W^T + bias, saved)`` for a weight in ``block_rows x block_cols`` blocks, or with
+    ``relu`` ``(relu(x W^T + bias), saved)`` (the bias, in ``x``'s dtype, and the ReLU applied
+    as the kernel writes ``y``); ``crow`` and ``col`` serve the fallback, ``layer`` is a handle
+    from :func:`.csr_ops.register_layer`."""
     _check(x, values, crow, col, in_features)
     check_bias(bias, _dims(b_ptr, block_rows), x, "block_linear")
     if use_kernels(x):
         kernels = compiled_kernels()
         tiles = kernels.pack_rows(x)
         y = kernels.block_forward(b_ptr, b_col, values.contiguous(), tiles, block_rows,
-                                  block_cols, in_features, x.shape[0], bias)
+                                  block_cols, in_features, x.shape[0], bias, relu)
         return y, tiles
     empty = crow.new_empty(0)
-    return csr_linear(x, values, crow, col, empty, empty, empty, in_features, -1, bias)
+    return csr_linear(x, values, crow, col, empty, empty, empty, in_features, -1, bias, relu)
 
 
 @block_linear.register_fake
 def _block_linear_fake(x, values, crow, col, b_ptr, b_col, t_ptr, t_brow, t_blk, block_rows,
-                       block_cols, in_features, layer, bias=None):
+                       block_cols, in_features, layer, bias=None, relu=False):
     return x.new_empty((x.shape[0], _dims(b_ptr, block_rows))), _saved_fake(x, in_features)
 
 
@@ -132,15 +134,18 @@ def _input_grad(kernels, b_ptr, b_col, t_ptr, t_brow, t_blk, values, gy_tiles, b
 def block_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Tensor,
                           col: Tensor, b_ptr: Tensor, b_col: Tensor, t_ptr: Tensor,
                           t_brow: Tensor, t_blk: Tensor, block_rows: int, block_cols: int,
-                          in_features: int, layer: int, need_input: bool,
-                          need_values: bool) -> tuple[Tensor, Tensor]:
-    """``(grad_y W, grad_y^T x at the active blocks)``; ``saved`` is the packed ``x`` on
-    the CPU (see :func:`.csr_ops.packs`), ``x`` itself elsewhere. A gradient not needed comes
-    back empty."""
+                          in_features: int, layer: int, need_input: bool, need_values: bool,
+                          y: Optional[Tensor] = None,
+                          need_bias: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_y W, grad_y^T x at the active blocks, grad_bias)``; ``saved`` is the packed
+    ``x`` on the CPU (see :func:`.csr_ops.packs`), ``x`` itself elsewhere; ``y`` (the output of
+    a fused ReLU) and ``grad_bias`` as for :func:`.csr_ops.csr_linear_backward`: ``grad_y`` is
+    masked once, as it is packed, for all three kernels. A gradient not needed comes back
+    empty."""
     batch = grad_y.shape[0]
     if use_kernels(grad_y):
         kernels = compiled_kernels()
-        gy_tiles = gradient_tiles(kernels, grad_y, saved, layer)
+        gy_tiles, grad_bias = gradient_tiles(kernels, grad_y, saved, layer, y, need_bias)
         grad_x, grad_values = grad_y.new_empty(0), grad_y.new_empty(0)
         if need_input:
             grad_x = _input_grad(kernels, b_ptr, b_col, t_ptr, t_brow, t_blk, values.contiguous(),
@@ -148,38 +153,34 @@ def block_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: T
         if need_values:
             grad_values = kernels.block_weight_grad(b_ptr, b_col, gy_tiles, saved, block_rows,
                                                     block_cols, in_features, batch)
-        return grad_x, grad_values
+        return grad_x, grad_values, grad_bias
     return fallback_backward(grad_y, saved, values, crow, col, in_features, layer, need_input,
-                             need_values)
+                             need_values, y, need_bias)
 
 
 @block_linear_backward.register_fake
 def _block_linear_backward_fake(grad_y, saved, values, crow, col, b_ptr, b_col, t_ptr, t_brow,
                                 t_blk, block_rows, block_cols, in_features, layer, need_input,
-                                need_values):
-    batch = grad_y.shape[0]
-    grad_x = grad_y.new_empty((batch, in_features) if need_input else (0,))
-    grad_values = values.new_empty(values.shape) if need_values else grad_y.new_empty(0)
-    return grad_x, grad_values
+                                need_values, y=None, need_bias=False):
+    return backward_fake(grad_y, values, in_features, need_input, need_values, y, need_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, crow, col, *blocks, block_rows, block_cols, in_features, layer, _bias = inputs
-    _, saved = output
-    ctx.save_for_backward(saved if packs(x) else x, values, crow, col, *blocks)
+    (x, values, crow, col, *blocks, block_rows, block_cols, in_features, layer, _bias,
+     relu) = inputs
+    y, saved = output
+    ctx.save_for_backward(saved if packs(x) else x, values, crow, col, *blocks,
+                          *((y,) if relu else ()))  # the fused ReLU's mask is y > 0
     ctx.block, ctx.in_features, ctx.layer = (block_rows, block_cols), in_features, layer
+    ctx.relu = relu
     ctx.mark_non_differentiable(saved)
 
 
 def _backward(ctx, grad_y, _grad_saved):
-    need_input, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_values = block_linear_backward(grad_y, *ctx.saved_tensors, *ctx.block,
-                                                ctx.in_features, ctx.layer, need_input,
-                                                need_values)
-    n_inputs = len(ctx.needs_input_grad)  # 13, or 14 with a bias
-    grad_bias = grad_y.sum(0) if n_inputs > 13 and ctx.needs_input_grad[13] else None
-    return (grad_x if need_input else None, grad_values if need_values else None,
-            *([None] * 11), grad_bias)[:n_inputs]
+    grad_x, grad_values, grad_bias = backward_with_bias(
+        block_linear_backward, ctx, grad_y, *ctx.block, ctx.in_features, ctx.layer, bias_at=13)
+    n_inputs = len(ctx.needs_input_grad)  # 13, 14 with a bias, 15 with the ReLU fused
+    return (grad_x, grad_values, *([None] * 11), grad_bias, None)[:n_inputs]
 
 
 block_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -24,8 +24,16 @@ A layer whose weights come in aligned blocks of R outputs x C inputs can be told
 (``set_block_shape((R, C))``): its values stay in the same order, and its products become the
 block kernels of :mod:`.block_ops`, which load each activation slice once for a block's R rows.
 
+A ReLU that follows the layer can be fused into it (``layer.activation = "relu"``): forward
+returns ``relu(x W^T + b)``, the kernels taking ``max(0, .)`` of each sum (after the bias, in
+float32 for the 16-bit types, before rounding) as they write ``y``, and the backward operators
+mask the output gradient where ``y <= 0`` (relu's own rule, 0 at the kink) as they pack it,
+summing the masked gradient for the bias on the way: no pass of its own over the activations
+either way. The operators keep ``y`` for that (the tensor returned, not a copy).
+
 For RigL the layer can also keep, on request, the input and output gradient of a step
-(``capture``), from which the dense weight gradient is computed later in blocks of rows.
+(``capture``), from which the dense weight gradient is computed later in blocks of rows; with
+the ReLU fused, the output gradient kept is the masked one (the gradient of ``x W^T + b``).
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ from ..kernels import compiled_kernels  # noqa: F401  (the benchmarks import it 
 from .block_ops import BLOCK_KEYS, block_linear, block_structure
 from .csr_ops import (DTYPES, INDEX, check_index_range, csr_linear, register_layer,
                       row_pointers, transpose)
+
+#: What ``CSRLinear.activation`` may be: None (no activation) or a ReLU fused into the kernels.
+ACTIVATIONS = (None, "relu")
 
 #: The index buffers of a layer (all :data:`.csr_ops.INDEX`, int32), those saved in its state
 #: dict first.
@@ -71,7 +82,9 @@ class CSRLinear(nn.Module):
     dimensions and ``nnz`` must stay below 2**31 (ValueError otherwise). ``bias`` is the given
     parameter itself (not a copy), so an optimizer that already holds it keeps updating it.
     ``capture``, None or a list, receives ``(x, grad_y)`` of each backward pass (see
-    :mod:`.csr_ops`, which finds the layer through its handle ``_handle``).
+    :mod:`.csr_ops`, which finds the layer through its handle ``_handle``). ``activation``,
+    None or ``"relu"`` (see :data:`ACTIVATIONS`), is applied to the output by the kernels; it
+    is an attribute, not part of ``state_dict()``.
 
     The structure of ``W^T`` is kept too, as buffers left out of ``state_dict()`` and rebuilt
     whenever the structure changes (``set_positions``, loading a state dict): ``t_crow`` (its
@@ -96,6 +109,7 @@ class CSRLinear(nn.Module):
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(
             bias.detach().clone())
         self.capture: list | None = None  # set to a list to keep (x, grad_y) of each backward
+        self._activation: str | None = None
         self._handle = register_layer(self)
 
     def __setstate__(self, state):
@@ -103,6 +117,7 @@ class CSRLinear(nn.Module):
         passes record into its own ``capture``."""
         super().__setstate__(state)
         self.__dict__.setdefault("block_shape", None)  # layers pickled before block shapes
+        self.__dict__.setdefault("_activation", None)  # layers pickled before activations
         for key in INDEX_KEYS:  # layers pickled with int64 indices
             if key in self._buffers and self._buffers[key].dtype != INDEX:
                 self._buffers[key] = self._buffers[key].to(INDEX)
@@ -127,9 +142,27 @@ class CSRLinear(nn.Module):
         layer.bias = bias
         layer.block_shape = None
         layer.capture = None
+        layer._activation = None
         layer._handle = register_layer(layer)
         layer.set_positions(positions)
         return layer
+
+    @property
+    def activation(self) -> str | None:
+        """The activation the kernels apply to the output: None or ``"relu"``."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str | None) -> None:
+        if value not in ACTIVATIONS:
+            raise ValueError(f"CSRLinear.activation must be one of {ACTIVATIONS}, got {value!r}")
+        self._activation = value
+
+    def __setattr__(self, name, value):
+        if name == "activation":  # nn.Module would register a module value as a submodule
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # --- structure ------------------------------------------------------------------------
     @property
@@ -244,11 +277,14 @@ class CSRLinear(nn.Module):
         block[rows, self.col[k0:k1]] = self.values.detach()[k0:k1]
         return block
 
-    def forward_flops(self, inputs, output) -> tuple[float, float]:
+    def forward_flops(self, inputs, output) -> tuple[float, ...]:
         """FLOPs of the forward pass that produced ``output``: (weight products, bias
-        additions); each non-zero is one multiply-add (2 FLOPs) per output row."""
+        additions), and with an activation its FLOPs (one per output) third; each non-zero is
+        one multiply-add (2 FLOPs) per output row."""
         per_row = output.numel() // self.out_features
-        return 2.0 * self.nnz * per_row, float(output.numel()) if self.bias is not None else 0.0
+        flops = (2.0 * self.nnz * per_row,
+                 float(output.numel()) if self.bias is not None else 0.0)
+        return flops if self.activation is None else (*flops, float(output.numel()))
 
     def mask(self) -> torch.Tensor:
         mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool,
@@ -286,17 +322,19 @@ class CSRLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        if self.block_shape is not None:  # the bias added as the kernels write y
+        relu = self.activation == "relu"
+        if self.block_shape is not None:  # the bias (and the ReLU) applied as the kernels write y
             y, _ = block_linear(flat, values, self.crow, self.col,
                                 *(getattr(self, key) for key in BLOCK_KEYS), *self.block_shape,
-                                self.in_features, self._handle, bias)
+                                self.in_features, self._handle, bias, relu)
         else:
             y, _ = csr_linear(flat, values, *self.structure(), self.in_features, self._handle,
-                              bias)
+                              bias, relu)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"nnz={self.values.numel()}, bias={self.bias is not None}"
                 + ("" if self.block_shape is None
-                   else f", block_shape={self.block_shape[0]}x{self.block_shape[1]}"))
+                   else f", block_shape={self.block_shape[0]}x{self.block_shape[1]}")
+                + ("" if self.activation is None else f", activation={self.activation}"))

@@ -1,18 +1,21 @@
 """The CSR product as ``torch.library`` custom operators, so that ``torch.compile`` traces it.
 
 ``sparsetrain::csr_linear(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer,
-bias=None) -> (y, saved)`` computes ``y = x W^T (+ bias)`` for the CSR weight ``W`` (rows
-given by ``crow``, columns by ``col``; ``t_crow``, ``t_row`` and ``t_perm`` give the structure
-of ``W^T``, see ``CSRLinear`` and :func:`transpose`; every index array is int32,
-:data:`INDEX`; the bias is added by the kernel as it writes ``y``); ``saved`` is what its
-backward reads: on the CPU ``x`` packed in batch tiles (by the kernels, or by torch
-where they cannot be built, so that a compiled graph means the same either way: torch's graph
-caches may hand it to another process), an empty tensor elsewhere.
+bias=None, relu=False) -> (y, saved)`` computes ``y = x W^T (+ bias)``, or with ``relu``
+``y = relu(x W^T (+ bias))``, for the CSR weight ``W`` (rows given by ``crow``, columns by
+``col``; ``t_crow``, ``t_row`` and ``t_perm`` give the structure of ``W^T``, see ``CSRLinear``
+and :func:`transpose`; every index array is int32, :data:`INDEX`; the bias and the ReLU are
+applied by the kernel as it writes ``y``); ``saved`` is what its backward reads: on the CPU
+``x`` packed in batch tiles (by the kernels, or by torch where they cannot be built, so that a
+compiled graph means the same either way: torch's graph caches may hand it to another process),
+an empty tensor elsewhere; with the ReLU fused, autograd also keeps ``y`` itself.
 ``sparsetrain::csr_linear_backward`` gives the input gradient ``grad_y W`` (with the kernels:
 the forward product of ``W^T``) and the gradient of the values, ``grad_y^T x`` at the
-non-zeros. Both have fake (meta) implementations, so Dynamo and AOTAutograd see them as single
-graph nodes with known shapes and strides, and the autograd formula is registered with
-``register_autograd``.
+non-zeros; with the ReLU fused it takes ``y`` and uses ``grad_y`` zeroed where ``y <= 0``
+(masked by the kernels as they pack it, which also sum it for the bias gradient; by torch's
+``threshold_backward`` in the fallback). Both have fake (meta) implementations, so Dynamo and
+AOTAutograd see them as single graph nodes with known shapes and strides, and the autograd
+formula is registered with ``register_autograd``.
 
 On the CPU they run the OpenMP kernels of ``csrc/csr_kernels.cpp`` in float64, float32,
 bfloat16 and float16 (the 16-bit types summed in float32 and rounded once); where the kernels
@@ -22,10 +25,11 @@ there the 16-bit types are computed in float32 and rounded back, with a warning 
 RigL reads the dense weight gradient of update steps from the input and output gradient of each
 layer (``CSRLinear.capture``). The backward operator records them: ``layer`` is a handle (from
 :func:`register_layer`) through which it finds the layer at run time and appends
-``(x, grad_y)`` to its ``capture`` list when that is not None. The decision is taken when the
-operator runs, not when it is traced, so one compiled graph serves every step, update steps
-included. The recorded tensors are copies (a compiled graph may reuse its buffers) in the
-dtype of the layer's values.
+``(x, grad_y)`` to its ``capture`` list when that is not None (with the ReLU fused, the masked
+``grad_y``: the gradient of ``x W^T + b``, from which the dense weight gradient follows). The
+decision is taken when the operator runs, not when it is traced, so one compiled graph serves
+every step, update steps included. The recorded tensors are copies (a compiled graph may reuse
+its buffers) in the dtype of the layer's values.
 """
 
 from __future__ import annotations
@@ -175,10 +179,10 @@ def check_bias(bias: Tensor | None, rows: int, x: Tensor, what: str) -> None:
 @torch.library.custom_op("sparsetrain::csr_linear", mutates_args=())
 def csr_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Tensor,
                t_row: Tensor, t_perm: Tensor, in_features: int, layer: int,
-               bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """``(x W^T + bias, saved)`` for ``x`` (batch, in_features); ``layer`` is a handle from
-    :func:`register_layer`, or -1; the bias (optional, in ``x``'s dtype) is added as the kernel
-    writes ``y``."""
+               bias: Optional[Tensor] = None, relu: bool = False) -> tuple[Tensor, Tensor]:
+    """``(x W^T + bias, saved)`` for ``x`` (batch, in_features), or with ``relu``
+    ``(relu(x W^T + bias), saved)``; ``layer`` is a handle from :func:`register_layer`, or -1;
+    the bias (optional, in ``x``'s dtype) and the ReLU are applied as the kernel writes ``y``."""
     _check(x, values, crow, col, in_features)
     rows, batch = crow.shape[0] - 1, x.shape[0]
     check_bias(bias, rows, x, "csr_linear")
@@ -186,19 +190,21 @@ def csr_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Ten
         kernels = compiled_kernels()
         tiles = kernels.pack_rows(x)
         y = kernels.csr_forward(crow, col, values.contiguous(), tiles, rows, in_features, batch,
-                                bias)
+                                bias, relu)
         return y, tiles
     compute = _fallback_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen already
         y_t = _csr(crow, col, values.to(compute), (rows, in_features)) @ x.t().to(compute)
         if bias is not None:
             y_t = y_t + bias.to(compute)[:, None]
+        if relu:
+            y_t = torch.relu(y_t)
     return y_t.t().to(x.dtype).contiguous(), pack(x) if packs(x) else x.new_empty(0)
 
 
 @csr_linear.register_fake
 def _csr_linear_fake(x, values, crow, col, t_crow, t_row, t_perm, in_features, layer,
-                     bias=None):
+                     bias=None, relu=False):
     rows, batch = crow.shape[0] - 1, x.shape[0]
     return x.new_empty((batch, rows)), _saved_fake(x, in_features)
 
@@ -230,14 +236,19 @@ def _record(layer: int, x: Tensor, grad_y: Tensor) -> None:
 @torch.library.custom_op("sparsetrain::csr_linear_backward", mutates_args=())
 def csr_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Tensor,
                         col: Tensor, t_crow: Tensor, t_row: Tensor, t_perm: Tensor,
-                        in_features: int, layer: int, need_input: bool,
-                        need_values: bool) -> tuple[Tensor, Tensor]:
-    """``(grad_y W, grad_y^T x at the non-zeros)``; ``saved`` is the packed ``x`` on the CPU
-    (see :func:`packs`), ``x`` itself elsewhere. A gradient not needed comes back empty."""
+                        in_features: int, layer: int, need_input: bool, need_values: bool,
+                        y: Optional[Tensor] = None,
+                        need_bias: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_y W, grad_y^T x at the non-zeros, grad_bias)``; ``saved`` is the packed ``x``
+    on the CPU (see :func:`packs`), ``x`` itself elsewhere. With ``y``, the output of a fused
+    ReLU, ``grad_y`` is first masked where ``y <= 0`` (see :func:`gradient_tiles`) and
+    ``grad_bias`` is the masked ``grad_y`` summed over the batch if ``need_bias``; without,
+    ``grad_bias`` is empty (the caller sums ``grad_y``). A gradient not needed comes back
+    empty."""
     rows, batch = crow.shape[0] - 1, grad_y.shape[0]
     if use_kernels(grad_y):
         kernels = compiled_kernels()
-        gy_tiles = gradient_tiles(kernels, grad_y, saved, layer)
+        gy_tiles, grad_bias = gradient_tiles(kernels, grad_y, saved, layer, y, need_bias)
         grad_x, grad_values = grad_y.new_empty(0), grad_y.new_empty(0)
         if need_input:
             values_t = values.index_select(0, t_perm)  # (faster than values[t_perm])
@@ -246,29 +257,46 @@ def csr_linear_backward(grad_y: Tensor, saved: Tensor, values: Tensor, crow: Ten
         if need_values:
             grad_values = kernels.csr_weight_grad(crow, col, gy_tiles, saved, in_features,
                                                   batch)
-        return grad_x, grad_values
+        return grad_x, grad_values, grad_bias
     return fallback_backward(grad_y, saved, values, crow, col, in_features, layer, need_input,
-                             need_values)
+                             need_values, y, need_bias)
 
 
-def gradient_tiles(kernels, grad_y: Tensor, saved: Tensor, layer: int) -> Tensor:
-    """``grad_y`` packed for the kernels' backward products, after recording ``(x, grad_y)``
-    for layer handle ``layer`` if it is capturing (the saved input unpacked only then)."""
+def gradient_tiles(kernels, grad_y: Tensor, saved: Tensor, layer: int, y: Tensor | None = None,
+                   need_bias: bool = False) -> tuple[Tensor, Tensor]:
+    """``(grad_y packed for the kernels' backward products, grad_bias)``. With ``y``, the
+    output of a fused ReLU, ``grad_y`` is zeroed where ``y <= 0`` as it is packed, and summed
+    over the batch on the way if ``need_bias`` (else, and without ``y``, ``grad_bias`` is
+    empty). ``(x, grad_y)``, the masked ``grad_y`` with ``y``, is recorded for layer handle
+    ``layer`` if it is capturing (the saved input and the masked gradient unpacked only then)."""
+    if y is None:
+        tiles, grad_bias = kernels.pack_rows(grad_y), grad_y.new_empty(0)
+    else:
+        tiles, grad_bias = kernels.pack_masked(grad_y, y, need_bias)
     if layer >= 0 and capturing(layer):
-        _record(layer, kernels.unpack_rows(saved, grad_y.shape[0]), grad_y)
-    return kernels.pack_rows(grad_y)
+        batch = grad_y.shape[0]
+        _record(layer, kernels.unpack_rows(saved, batch),
+                grad_y if y is None else kernels.unpack_rows(tiles, batch))
+    return tiles, grad_bias
 
 
 def fallback_backward(grad_y, saved, values, crow, col, in_features, layer, need_input,
-                      need_values):
-    """The backward products by torch's sparse operations (any layout of the same non-zeros:
-    the values are in CSR order), after recording ``(x, grad_y)`` for layer handle ``layer``."""
+                      need_values, y=None, need_bias=False):
+    """``(grad_x, grad_values, grad_bias)`` by torch's sparse operations (any layout of the same
+    non-zeros: the values are in CSR order), with ``grad_y`` masked where the fused ReLU's
+    output ``y`` is <= 0 if given (as :func:`csr_linear_backward`), after recording ``(x,
+    grad_y)`` for layer handle ``layer``."""
     x = unpack(saved, grad_y.shape[0]) if packs(grad_y) else saved
-    if layer >= 0:
-        _record(layer, x, grad_y)
+    grad_bias = grad_y.new_empty(0)
     with torch.autocast(grad_y.device.type, enabled=False):  # the dtypes are chosen already
-        return _fallback_backward(grad_y, x, values, crow, col, in_features, need_input,
-                                  need_values)
+        if y is not None:
+            grad_y = torch.ops.aten.threshold_backward(grad_y, y, 0)  # torch.relu's own rule
+            if need_bias:
+                grad_bias = grad_y.sum(0)
+        if layer >= 0:
+            _record(layer, x, grad_y)
+        return (*_fallback_backward(grad_y, x, values, crow, col, in_features, need_input,
+                                    need_values), grad_bias)
 
 
 def _fallback_backward(grad_y, x, values, crow, col, in_features, need_input, need_values):
@@ -291,30 +319,52 @@ def _fallback_backward(grad_y, x, values, crow, col, in_features, need_input, ne
 
 @csr_linear_backward.register_fake
 def _csr_linear_backward_fake(grad_y, saved, values, crow, col, t_crow, t_row, t_perm,
-                              in_features, layer, need_input, need_values):
+                              in_features, layer, need_input, need_values, y=None,
+                              need_bias=False):
+    return backward_fake(grad_y, values, in_features, need_input, need_values, y, need_bias)
+
+
+def backward_fake(grad_y, values, in_features, need_input, need_values, y, need_bias):
+    """The shapes of the backward operators' ``(grad_x, grad_values, grad_bias)``."""
     batch = grad_y.shape[0]
     grad_x = grad_y.new_empty((batch, in_features) if need_input else (0,))
     grad_values = values.new_empty(values.shape) if need_values else grad_y.new_empty(0)
-    return grad_x, grad_values
+    with_bias = y is not None and need_bias
+    return grad_x, grad_values, grad_y.new_empty((grad_y.shape[1],) if with_bias else (0,))
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, crow, col, t_crow, t_row, t_perm, in_features, layer, *_bias = inputs
-    _, saved = output
+    x, values, crow, col, t_crow, t_row, t_perm, in_features, layer, _bias, relu = inputs
+    y, saved = output
     ctx.save_for_backward(saved if packs(x) else x, values, crow, col, t_crow, t_row,
-                          t_perm)
-    ctx.in_features, ctx.layer = in_features, layer
+                          t_perm, *((y,) if relu else ()))  # the fused ReLU's mask is y > 0
+    ctx.in_features, ctx.layer, ctx.relu = in_features, layer, relu
     ctx.mark_non_differentiable(saved)
 
 
-def _backward(ctx, grad_y, _grad_saved):
+def backward_with_bias(op, ctx, grad_y, *args, bias_at: int):
+    """``(grad_x, grad_values, grad_bias)`` of a forward operator (its inputs from ``ctx``,
+    the bias at ``bias_at``) by its backward ``op``, called with ``args`` after the tensors
+    saved, each gradient None where not needed: with the ReLU fused ``op`` masks ``grad_y``
+    and sums the bias gradient, without it the bias gradient is ``grad_y`` summed here."""
     need_input, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_values = csr_linear_backward(grad_y, *ctx.saved_tensors, ctx.in_features,
-                                              ctx.layer, need_input, need_values)
-    n_inputs = len(ctx.needs_input_grad)  # 9, or 10 with a bias
-    grad_bias = grad_y.sum(0) if n_inputs > 9 and ctx.needs_input_grad[9] else None
+    need_bias = len(ctx.needs_input_grad) > bias_at and ctx.needs_input_grad[bias_at]
+    if ctx.relu:
+        *saved, y = ctx.saved_tensors
+        grad_x, grad_values, grad_bias = op(grad_y, *saved, *args, need_input, need_values, y,
+                                            need_bias)
+    else:
+        grad_x, grad_values, _ = op(grad_y, *ctx.saved_tensors, *args, need_input, need_values)
+        grad_bias = grad_y.sum(0) if need_bias else None
     return (grad_x if need_input else None, grad_values if need_values else None,
-            None, None, None, None, None, None, None, grad_bias)[:n_inputs]
+            grad_bias if need_bias else None)
+
+
+def _backward(ctx, grad_y, _grad_saved):
+    grad_x, grad_values, grad_bias = backward_with_bias(
+        csr_linear_backward, ctx, grad_y, ctx.in_features, ctx.layer, bias_at=9)
+    n_inputs = len(ctx.needs_input_grad)  # 9, 10 with a bias, 11 with the ReLU fused
+    return (grad_x, grad_values, *([None] * 7), grad_bias, None)[:n_inputs]
 
 
 csr_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -19,6 +19,10 @@
 // Weights in aligned blocks of R x C have kernels of their own (block_forward,
 // block_input_grad(_rows), block_weight_grad: see "Block-sparse products" below), which reuse
 // each loaded slice of activations or gradients for the rows or columns of a block.
+// A ReLU fused into the layer (CSRLinear.activation): the forward products take max(0, .) of
+// each sum, after the bias, as write_rows writes y; pack_masked packs the output gradient zeroed
+// where y <= 0 (relu's gradient, 0 at the kink) and sums it over the batch for the bias on the
+// way, so that every backward product reads the masked gradient without a pass of its own.
 // Activations and their gradients come and go in torch's own layout, (batch, features)
 // row-major: packing into tiles and back transposes in blocks of 16 features (in L1), and the
 // forward product collects 16 output rows before writing them out, so that no strided copy is
@@ -65,10 +69,16 @@ constexpr int FB = 16;
 
 #if defined(__AVX512F__)
 // 16 x 16 floats: row k of `in` (k = 0..15, `in_stride` apart) becomes column k of `out`
-// (rows `out_stride` apart), through registers.
-inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+// (rows `out_stride` apart), through registers; with `keep` (laid out as `in`), zero where
+// keep <= 0 (relu's gradient rule: kept where keep is NaN, as torch's threshold_backward).
+inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride,
+                        const float* keep = nullptr) {
   __m512 r[16], t[16];
   for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(in + k * in_stride);
+  if (keep != nullptr)
+    for (int k = 0; k < 16; ++k)
+      r[k] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_loadu_ps(keep + k * in_stride),
+                                                    _mm512_setzero_ps(), _CMP_NLE_UQ), r[k]);
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -95,9 +105,13 @@ inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t 
 }
 #endif
 
-// (batch, feat) row-major -> (tiles, feat, BT), zero-padded
+// (batch, feat) row-major -> (tiles, feat, BT), zero-padded. With `keep` ((batch, feat) too,
+// the output of a fused ReLU), an output gradient masked as it is packed: zero where keep <= 0
+// (kept where it is NaN, as torch's threshold_backward does); with `sums` (tiles, feat), each
+// tile's sums over its examples too, read back from the block just written (still in L1).
 template <typename T>
-void to_tiles(const T* x, T* tiles, int64_t batch, int64_t feat) {
+void to_tiles(const T* x, T* tiles, int64_t batch, int64_t feat, const T* keep = nullptr,
+              acc_t<T>* sums = nullptr) {
   constexpr int BT = tile_width<T>();
   const int64_t nt = n_tiles(batch, BT), nf = (feat + FB - 1) / FB;
 #pragma omp parallel for collapse(2) schedule(static)
@@ -110,15 +124,30 @@ void to_tiles(const T* x, T* tiles, int64_t batch, int64_t feat) {
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<T, float>) {  // whole 16 x 16 squares through registers
         if (f1 - f0 == 16)
-          for (; b + 16 <= width; b += 16)
-            transpose16(x + (t * BT + b) * feat + f0, feat, out + f0 * BT + b, BT);
+          for (; b + 16 <= width; b += 16) {
+            const int64_t at = (t * BT + b) * feat + f0;
+            transpose16(x + at, feat, out + f0 * BT + b, BT, keep ? keep + at : nullptr);
+          }
       }
 #endif
       for (; b < width; ++b) {
         const T* in = x + (t * BT + b) * feat;
-        for (int64_t f = f0; f < f1; ++f) out[f * BT + b] = in[f];
+        if (keep == nullptr) {
+          for (int64_t f = f0; f < f1; ++f) out[f * BT + b] = in[f];
+        } else {
+          const T* k = keep + (t * BT + b) * feat;
+          for (int64_t f = f0; f < f1; ++f)
+            out[f * BT + b] = static_cast<acc_t<T>>(k[f]) <= 0 ? T(0) : in[f];
+        }
       }
       for (int64_t f = f0; f < f1; ++f) std::fill(out + f * BT + width, out + (f + 1) * BT, T(0));
+      if (sums != nullptr)
+        for (int64_t f = f0; f < f1; ++f) {
+          acc_t<T> s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int i = 0; i < BT; ++i) s += static_cast<acc_t<T>>(out[f * BT + i]);
+          sums[t * feat + f] = s;
+        }
     }
   }
 }
@@ -151,14 +180,18 @@ void from_tiles(const In* tiles, Out* x, int64_t batch, int64_t feat) {
 }
 
 // The sums of n rows (row i at sums[i * BT .. + width]), plus bias[i] where bias is given,
-// written into y, whose rows (one a batch example) are `rows` apart: 16 x 16 squares through
-// register transposes for float32.
+// then max(0, .) with `relu` (NaN stays NaN, as in torch.relu), written into y, whose rows (one
+// a batch example) are `rows` apart: 16 x 16 squares through register transposes for float32.
 template <typename T, typename A>
-inline void write_rows(A* sums, int n, int width, T* y, int64_t rows, const A* bias = nullptr) {
+inline void write_rows(A* sums, int n, int width, T* y, int64_t rows, const A* bias = nullptr,
+                       bool relu = false) {
   constexpr int BT = tile_width<T>();
   if (bias != nullptr)
     for (int i = 0; i < n; ++i)
       for (int b = 0; b < width; ++b) sums[i * BT + b] += bias[i];
+  if (relu)
+    for (int i = 0; i < n; ++i)
+      for (int b = 0; b < width; ++b) sums[i * BT + b] = std::max(sums[i * BT + b], A(0));
   int i0 = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
@@ -177,12 +210,12 @@ inline void write_rows(A* sums, int n, int width, T* y, int64_t rows, const A* b
 
 // The forward product's frame: rows in chunks of RC, each row's BT sums (row_sums(tile, r,
 // sums)) kept in a small buffer, and the chunk written into y (batch, rows) row-major at once,
-// plus the bias where one is given.
+// plus the bias where one is given, then max(0, .) with `relu` (write_rows).
 constexpr int RC = 16;
 
 template <typename T, typename RowSums>
 void forward_rows(const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t batch,
-                  RowSums row_sums, const acc_t<T>* bias) {
+                  RowSums row_sums, const acc_t<T>* bias, bool relu) {
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>();
   const int64_t nt = n_tiles(batch, BT), nc = (rows + RC - 1) / RC;
@@ -198,7 +231,7 @@ void forward_rows(const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t ba
         const int n = static_cast<int>(std::min<int64_t>(RC, rows - r0));
         for (int i = 0; i < n; ++i) row_sums(tile, r0 + i, sums[i]);
         write_rows<T, A>(&sums[0][0], n, width, y + t * BT * rows + r0, rows,
-                         bias == nullptr ? nullptr : bias + r0);
+                         bias == nullptr ? nullptr : bias + r0, relu);
       }
     }
   }
@@ -206,7 +239,7 @@ void forward_rows(const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t ba
 
 template <typename T>
 void forward(const idx_t* crow, const idx_t* col, const acc_t<T>* values, const T* x_tiles,
-             T* y, int64_t rows, int64_t cols, int64_t batch, const acc_t<T>* bias) {
+             T* y, int64_t rows, int64_t cols, int64_t batch, const acc_t<T>* bias, bool relu) {
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>();
   forward_rows<T>(x_tiles, y, rows, cols, batch, [&](const T* tile, int64_t r, A* sums) {
@@ -221,7 +254,7 @@ void forward(const idx_t* crow, const idx_t* col, const acc_t<T>* values, const 
     }
 #pragma GCC unroll 64
     for (int b = 0; b < BT; ++b) sums[b] = acc[b];
-  }, bias);
+  }, bias, relu);
 }
 
 #if defined(__AVX512F__)
@@ -312,7 +345,7 @@ inline void forward_bf16_pairs(const at::BFloat16* values, const at::BFloat16* t
 template <typename T>
 void forward16(const idx_t* crow, const idx_t* col, const float* values, const T* values16,
                const T* x_tiles, T* y, int64_t rows, int64_t cols, int64_t batch,
-               const float* bias) {
+               const float* bias, bool relu) {
   forward_rows<T>(x_tiles, y, rows, cols, batch, [&](const T* tile, int64_t r, float* sums) {
     __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
@@ -327,7 +360,7 @@ void forward16(const idx_t* crow, const idx_t* col, const float* values, const T
     forward16_widen(values, tile, crow[r], crow[r + 1], col, a);
 #endif
     for (int i = 0; i < 4; ++i) _mm512_store_ps(sums + 16 * i, a[i]);
-  }, bias);
+  }, bias, relu);
 }
 
 // 64 products of a non-zero (gradient row a, input column c) summed into 16 lanes.
@@ -448,15 +481,15 @@ void weight_grad(const idx_t* crow, const idx_t* col, const T* gy_tiles, const T
 template <typename T>
 void forward_any(const idx_t* crow, const idx_t* col, const acc_t<T>* values,
                  const T* values16, const T* x_tiles, T* y, int64_t rows, int64_t cols,
-                 int64_t batch, const acc_t<T>* bias) {
+                 int64_t batch, const acc_t<T>* bias, bool relu) {
 #if defined(__AVX512F__)
   if constexpr (is16<T>()) {
-    forward16<T>(crow, col, values, values16, x_tiles, y, rows, cols, batch, bias);
+    forward16<T>(crow, col, values, values16, x_tiles, y, rows, cols, batch, bias, relu);
     return;
   }
 #endif
   (void)values16;
-  forward<T>(crow, col, values, x_tiles, y, rows, cols, batch, bias);
+  forward<T>(crow, col, values, x_tiles, y, rows, cols, batch, bias, relu);
 }
 
 template <typename T>
@@ -616,11 +649,12 @@ void with_size(int n, F f) {
 
 // y (batch, n_ob * ro) = the product of the block matrix (ro x ci blocks, output block rows
 // ptr, block columns idx) with the packed operand x_tiles (tiles, cols, BT); output block rows
-// in chunks of at least 16 rows, written out together (as forward_rows does).
+// in chunks of at least 16 rows, written out together (as forward_rows does, with the bias and
+// the ReLU where asked).
 template <typename T, Layout LY>
 void block_forward_impl(const idx_t* ptr, const idx_t* idx, const acc_t<T>* vals,
                         const T* x_tiles, T* y, int64_t n_ob, int ro, int ci, int64_t cols,
-                        int64_t batch, const acc_t<T>* bias = nullptr) {
+                        int64_t batch, const acc_t<T>* bias = nullptr, bool relu = false) {
   using A = acc_t<T>;
   constexpr int BT = tile_width<T>();
   const int64_t rows = n_ob * ro, nt = n_tiles(batch, BT);
@@ -644,7 +678,7 @@ void block_forward_impl(const idx_t* ptr, const idx_t* idx, const acc_t<T>* vals
           const int64_t r0 = ob0 * ro;
           const int n = static_cast<int>((ob1 - ob0) * ro);
           write_rows<T, A>(sums, n, width, y + t * BT * rows + r0, rows,
-                           bias == nullptr ? nullptr : bias + r0);
+                           bias == nullptr ? nullptr : bias + r0, relu);
         }
       }
     }
@@ -887,6 +921,29 @@ torch::Tensor pack_rows(torch::Tensor x) {
   return tiles;
 }
 
+// grad_y (batch, feat) -> (tiles, feat, width), zero where y (the output of a fused ReLU, same
+// shape and dtype) is <= 0; with `sums`, also the masked grad_y summed over the batch (the bias
+// gradient, summed in the sum type while packing), else an empty tensor
+std::vector<torch::Tensor> pack_masked(torch::Tensor grad_y, torch::Tensor y, bool sums) {
+  TORCH_CHECK(grad_y.dim() == 2 && y.sizes() == grad_y.sizes(),
+              "pack_masked: a 2-D gradient and an output of its shape expected");
+  check_same(grad_y, y, "pack_masked");
+  grad_y = grad_y.contiguous();
+  y = y.contiguous();
+  const int64_t width = tile_width_for(grad_y), batch = grad_y.size(0), feat = grad_y.size(1);
+  const int64_t nt = n_tiles(batch, width);
+  auto tiles = torch::empty({nt, feat, width}, grad_y.options());
+  const auto type = grad_y.scalar_type();
+  auto partial = sums ? torch::empty({nt, feat}, grad_y.options().dtype(acc_type(type)))
+                      : torch::Tensor();
+  ST_DISPATCH(type, "pack_masked", [&] {
+    to_tiles<scalar_t>(grad_y.data_ptr<scalar_t>(), tiles.data_ptr<scalar_t>(), batch, feat,
+                       y.data_ptr<scalar_t>(),
+                       sums ? partial.data_ptr<acc_t<scalar_t>>() : nullptr);
+  });
+  return {tiles, sums ? partial.sum(0).to(type) : grad_y.new_empty({0})};
+}
+
 // tiles: (tiles, feat, width) -> (batch, feat)
 torch::Tensor unpack_rows(torch::Tensor tiles, int64_t batch) {
   TORCH_CHECK(tiles.dim() == 3 && tiles.is_contiguous(), "unpack_rows: expected packed tiles");
@@ -907,10 +964,10 @@ torch::Tensor sum_bias(const c10::optional<torch::Tensor>& bias, int64_t rows,
   return bias->contiguous().to(acc);
 }
 
-// returns y = x W^T (+ bias), (batch, rows)
+// returns y = x W^T (+ bias), (batch, rows); with relu, max(0, y)
 torch::Tensor csr_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor values,
                           torch::Tensor x_tiles, int64_t rows, int64_t cols, int64_t batch,
-                          c10::optional<torch::Tensor> bias) {
+                          c10::optional<torch::Tensor> bias, bool relu) {
   check_indices(crow, col, "csr_forward");
   check_tiles(x_tiles, cols, "csr_forward");
   check_same(values, x_tiles, "csr_forward");
@@ -923,7 +980,7 @@ torch::Tensor csr_forward(torch::Tensor crow, torch::Tensor col, torch::Tensor v
     forward_any<scalar_t>(crow.data_ptr<idx_t>(), col.data_ptr<idx_t>(),
                           acc_values.data_ptr<A>(), values.data_ptr<scalar_t>(),
                           x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rows, cols,
-                          batch, acc_bias.defined() ? acc_bias.data_ptr<A>() : nullptr);
+                          batch, acc_bias.defined() ? acc_bias.data_ptr<A>() : nullptr, relu);
   });
   return y;
 }
@@ -1006,10 +1063,11 @@ torch::Tensor block_values(torch::Tensor values, const torch::Tensor& b_ptr, int
   return values.contiguous().to(acc_type(values.scalar_type()));
 }
 
-// y = x W^T (+ bias), (batch, rows), for W in R x C blocks (b_ptr, b_col), x packed
+// y = x W^T (+ bias), (batch, rows), for W in R x C blocks (b_ptr, b_col), x packed; with relu,
+// max(0, y)
 torch::Tensor block_forward(torch::Tensor b_ptr, torch::Tensor b_col, torch::Tensor values,
                             torch::Tensor x_tiles, int64_t R, int64_t C, int64_t cols,
-                            int64_t batch, c10::optional<torch::Tensor> bias) {
+                            int64_t batch, c10::optional<torch::Tensor> bias, bool relu) {
   check_blocks(b_ptr, b_col, "block_forward");
   check_tiles(x_tiles, cols, "block_forward");
   check_same(values, x_tiles, "block_forward");
@@ -1023,7 +1081,7 @@ torch::Tensor block_forward(torch::Tensor b_ptr, torch::Tensor b_col, torch::Ten
     block_forward_impl<scalar_t, Layout::W>(
         b_ptr.data_ptr<idx_t>(), b_col.data_ptr<idx_t>(), acc_values.data_ptr<A>(),
         x_tiles.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), nbr, R, C, cols, batch,
-        acc_bias.defined() ? acc_bias.data_ptr<A>() : nullptr);
+        acc_bias.defined() ? acc_bias.data_ptr<A>() : nullptr, relu);
   });
   return y;
 }
@@ -1104,15 +1162,18 @@ void register_set_kernels(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_rows", &pack_rows, "(batch, features) -> (tiles, features, width)");
+  m.def("pack_masked", &pack_masked, "grad_y packed, zero where y <= 0 (and its batch sums)",
+        py::arg("grad_y"), py::arg("y"), py::arg("sums") = false);
   m.def("unpack_rows", &unpack_rows, "(tiles, features, width) -> (batch, features)");
   m.def("csr_forward", &csr_forward, "x W^T (+ bias) for a CSR W, x packed", py::arg("crow"),
         py::arg("col"), py::arg("values"), py::arg("x_tiles"), py::arg("rows"), py::arg("cols"),
-        py::arg("batch"), py::arg("bias") = py::none());
+        py::arg("batch"), py::arg("bias") = py::none(), py::arg("relu") = false);
   m.def("csr_weight_grad", &csr_weight_grad, "grad_y^T x at the non-zeros of W, both packed");
   m.def("csr_transpose", &csr_transpose, "(t_crow, t_row, t_perm): the structure of W^T");
   m.def("block_forward", &block_forward, "x W^T (+ bias) for W in R x C blocks, x packed",
         py::arg("b_ptr"), py::arg("b_col"), py::arg("values"), py::arg("x_tiles"), py::arg("R"),
-        py::arg("C"), py::arg("cols"), py::arg("batch"), py::arg("bias") = py::none());
+        py::arg("C"), py::arg("cols"), py::arg("batch"), py::arg("bias") = py::none(),
+        py::arg("relu") = false);
   m.def("block_input_grad", &block_input_grad, "grad_y W for W in R x C blocks, grad_y packed");
   m.def("block_input_grad_rows", &block_input_grad_rows, "grad_y W for W in blocks, by rows");
   m.def("block_weight_grad", &block_weight_grad, "grad_y^T x at W's blocks, both packed");
