@@ -30,7 +30,7 @@ from .. import collectives
 from ..sparsity.positions import match_sorted, union_sorted
 from ..sparsity.targets import Target
 from .base import BLOCK_ELEMENTS, Block, row_blocks, row_multiple, unavailable
-from .conversion import csr_eligibility
+from .conversion import csr_eligibility, fuse_relus
 from .csr import CSRLinear, _default_init
 from .csr_ops import DTYPES as CSR_DTYPES
 from .masked import MaskedBackend, flat_get
@@ -89,6 +89,7 @@ class CSRBackend:
             setattr(parent, attr, layer)
             self.layers[name] = layer
             self._ever[name] = layer.positions()
+        fuse_relus(model, self.layers.values())
 
     def _convert(self, name: str, linear: nn.Linear, positions: torch.Tensor,
                  generator: torch.Generator) -> CSRLinear:
