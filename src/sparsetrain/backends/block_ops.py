@@ -17,14 +17,16 @@ All of them are int32, as the layer's ``crow`` and ``col`` (:data:`.csr_ops.INDE
 ``sparsetrain::block_linear`` and ``sparsetrain::block_linear_backward`` are the custom
 operators (fake implementations and a registered autograd, as :mod:`.csr_ops`). On the CPU they
 run the OpenMP kernels of ``csrc/csr_kernels.cpp``: in the forward product one load of an input
-slice serves the R rows of a block (and the bias is added as ``y`` is written); the input
-gradient runs along ``W``'s rows for blocks at least as tall as wide (a block row's R gradient
-slices in registers, added into the grad_x slices its blocks touch) and as the forward product
-of ``W^T`` otherwise (one gradient slice for the C rows of ``W^T``'s block); the weight gradient
-takes a block row's shared column list in groups of rows x columns, each sum over every tile
-before its lanes are reduced. Elsewhere, or where the kernels cannot be built, the CSR
-operators' own fallback through torch's sparse operations computes the same products. The
-capture of ``(x, grad_y)`` for RigL works as for :func:`.csr_ops.csr_linear`.
+slice serves the R rows of a block (and the bias, and a fused ReLU, are applied as ``y`` is
+written; the backward then packs ``grad_y`` masked where ``y <= 0`` once, for all three
+products, as :mod:`.csr_ops` does); the input gradient runs along ``W``'s rows for blocks at
+least as tall as wide (a block row's R gradient slices in registers, added into the grad_x
+slices its blocks touch) and as the forward product of ``W^T`` otherwise (one gradient slice
+for the C rows of ``W^T``'s block); the weight gradient takes a block row's shared column list
+in groups of rows x columns, each sum over every tile before its lanes are reduced. Elsewhere,
+or where the kernels cannot be built, the CSR operators' own fallback through torch's sparse
+operations computes the same products. The capture of ``(x, grad_y)`` for RigL works as for
+:func:`.csr_ops.csr_linear`.
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ def to_masked(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
               ) -> dict[str, torch.Tensor]:
     """Convert, in place, every ``CSRLinear`` of ``model`` back to an ``nn.Linear`` (zeros at
     inactive positions), with the ``nn.ReLU`` it had fused put back after it; the optimizer gets
-    the dense weight with its state scattered back. Returns weight name -> mask, ready for ``masks=`` of a sparsifier on the masked backend."""
+    the dense weight with its state scattered back. Returns weight name -> mask, ready for
+    ``masks=`` of a sparsifier on the masked backend."""
     masks = {}
     where = parents(model)
     csr = [(path, m) for path, m in model.named_modules() if isinstance(m, CSRLinear)]
