@@ -9,6 +9,9 @@ import torch
 from hypothesis import HealthCheck, settings
 from torch import nn
 
+import sparsetrain.backends.csr_ops as csr_ops
+import sparsetrain.kernels as kernels_module
+
 # Property-based tests (marked ``fuzz``) run a few dozen examples each in the default suite;
 # ``pytest -m fuzz --hypothesis-profile long`` runs them at length.
 settings.register_profile("default", max_examples=40, deadline=None,
@@ -104,3 +107,15 @@ OPTIMIZERS = {
 def model():
     torch.manual_seed(0)
     return tiny_cnn()
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def kernels(request, monkeypatch):
+    """The compiled kernels (where they build), or torch's operations in their place; the CSR
+    fallback's once-only warning is reset."""
+    monkeypatch.setattr(csr_ops, "_WARNED", set())
+    if request.param == "torch":
+        monkeypatch.setattr(kernels_module, "_KERNELS", False)
+    elif kernels_module.compiled_kernels() is None:
+        pytest.skip("the compiled kernels cannot be built here")
+    return request.param
