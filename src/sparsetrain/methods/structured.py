@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from ..sparsity.groups import (group_of, group_positions, group_width, matrix_positions,
-                               n_groups, top_per_group)
+from ..sparsity.groups import (group_of, group_positions, group_width, matrix_coords,
+                               matrix_positions, n_groups, top_per_group)
 from ..sparsity.permutation import DROP, GROW, RandomOrder
 from ..sparsity.positions import merge_sorted
 from ..sparsity.selection import RunningTopK, comparable, first_free, top_k
@@ -50,13 +50,6 @@ def _grow_scores(sparsifier, block) -> torch.Tensor | None:
     return flat[where.reshape(-1)].view(where.shape)
 
 
-def _block_positions(block, device=None) -> torch.Tensor:
-    """The flat positions of the entries of ``block``'s matrix view."""
-    if len(block.shape) == 2:
-        return torch.arange(block.lo, block.hi, device=device).view(tuple(block.shape))
-    return matrix_positions(tuple(block.shape), device) + block.lo
-
-
 def _present(ids: torch.Tensor, n: int) -> torch.Tensor:
     """The sorted distinct values of ``ids`` (in ``range(n)``), without a sort."""
     mark = torch.zeros(n, dtype=torch.bool, device=ids.device)
@@ -65,28 +58,38 @@ def _present(ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # --- blocks -----------------------------------------------------------------------------------
-def keep_blocks(sparsifier, name: str, n_keep: int, t: int,
-                active: torch.Tensor | None = None) -> torch.Tensor | None:
+def keep_blocks(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | None:
     """The active positions of the ``n_keep // (R*C)`` active blocks of ``name`` with the largest
-    pooled drop score (sorted), or None if a score is not finite; ``active``: the active set,
-    where the caller has it already."""
+    pooled drop score (sorted), or None if a score is not finite."""
     s, backend = sparsifier.structure, sparsifier.backend
-    shape = backend.shape(name)
-    if active is None:
-        active = backend.active_positions(name)
+    shape, active = backend.shape(name), backend.active_positions(name)
+    gid = group_of(s, shape, active)
+    best = _keep_block_ids(sparsifier, name, n_keep // (s.rows * s.cols), t, active, gid)
+    return None if best is None else active[_marked(best, gid, n_groups(s, shape))]
+
+
+def _keep_block_ids(sparsifier, name: str, n_keep: int, t: int, active: torch.Tensor,
+                    gid: torch.Tensor) -> torch.Tensor | None:
+    """The ids of the ``n_keep`` active blocks of ``name`` with the largest pooled drop score
+    (sorted), given the ``active`` positions and their block ids ``gid``; None if a score is
+    not finite."""
+    s, backend = sparsifier.structure, sparsifier.backend
     scores = checked.drop_scores(sparsifier, name, active.numel())
     if scores is None:
         return None
-    gid = group_of(s, shape, active)
-    pooled = torch.zeros(n_groups(s, shape), dtype=torch.float64, device=active.device)
+    pooled = torch.zeros(n_groups(s, backend.shape(name)), dtype=torch.float64,
+                         device=active.device)
     pooled.index_add_(0, gid, scores.to(device=active.device, dtype=torch.float64))
     blocks = _present(gid, pooled.numel())
     order = _block_order(sparsifier, name, DROP, t)
-    best = blocks[top_k(pooled[blocks], n_keep // (s.rows * s.cols),
-                        lambda i: order.rank(blocks[i]))]
-    kept = torch.zeros(pooled.numel(), dtype=torch.bool, device=active.device)
-    kept[best] = True
-    return active[kept[gid]]
+    return blocks[top_k(pooled[blocks], n_keep, lambda i: order.rank(blocks[i]))]
+
+
+def _marked(ids: torch.Tensor, gid: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean: whether each of ``gid`` is among ``ids`` (block ids in ``range(n)``)."""
+    mark = torch.zeros(n, dtype=torch.bool, device=gid.device)
+    mark[ids] = True
+    return mark[gid]
 
 
 def _grow_blocks(sparsifier, name: str, k: int, closed: torch.Tensor, before: torch.Tensor,
@@ -133,11 +136,12 @@ def drop_and_grow_blocks(sparsifier, name: str, n_drop: int, t: int,
     n_drop = min(n_drop // size, n_blocks, n_groups(s, shape) - n_blocks)
     if n_drop <= 0:
         return None, False
-    kept = keep_blocks(sparsifier, name, (n_blocks - n_drop) * size, t, active)
-    if kept is None:
+    gid = group_of(s, shape, active)
+    kept_blocks = _keep_block_ids(sparsifier, name, n_blocks - n_drop, t, active, gid)
+    if kept_blocks is None:
         return None, True
-    before = _present(group_of(s, shape, active), n_groups(s, shape))
-    kept_blocks = _present(group_of(s, shape, kept), n_groups(s, shape))
+    kept = active[_marked(kept_blocks, gid, n_groups(s, shape))]
+    before = _present(gid, n_groups(s, shape))
     grown, best = _grow_blocks(sparsifier, name, n_drop,
                                kept_blocks if allow_regrowth else before, before, t)
     if grown is None:
@@ -168,27 +172,47 @@ def refill_groups(sparsifier, name: str, kept: torch.Tensor, quota: int, closed:
         values = _grow_scores(sparsifier, block)
         if values is None:
             return None, None
-        where = _block_positions(block, values.device)
+        cols = values.shape[1]
         g0 = block.lo // width
         groups = values.numel() // width
-        flat_mark = torch.zeros(block.hi - block.lo, dtype=torch.int8)
-        for positions, mark in ((before, 1), (closed, 2), (kept, 3)):
-            a, b = torch.searchsorted(positions, torch.tensor([block.lo, block.hi])).tolist()
-            flat_mark[positions[a:b] - block.lo] = mark
-        marks = (flat_mark if len(block.shape) == 2
-                 else flat_mark[(where - block.lo).reshape(-1)]).view(-1, width)
-        values = values.reshape(-1, width)  # the scores are the block's own: changed in place
-        if sparsifier.update_reads_gradient:
-            free = values.masked_fill(marks != 0, -math.inf)
-            best = max(best, float(free.max()))
-        values.masked_fill_(marks == 2, -torch.finfo(values.dtype).max)
-        values.masked_fill_(marks == 3, -math.inf)
-        at = where.view(-1, width)
-        chosen = top_per_group(values, need[g0:g0 + groups],
-                               lambda r, c: order.rank(at[r, c]))
-        parts.append(at[chosen])
+        flat = values.view(-1)  # the block's own scores: changed in place
+        # kept is within closed, closed within before: each write overrides the one before
+        at_before, at_closed, at_kept = (_in_view(block, _within(p, block), cols)
+                                         for p in (before, closed, kept))
+        if sparsifier.update_reads_gradient:  # the largest score of a position free before
+            saved = flat[at_before]
+            flat[at_before] = -math.inf
+            best = max(best, float(flat.max()))
+            flat[at_before] = saved
+        flat[at_closed] = -torch.finfo(values.dtype).max  # last resort
+        flat[at_kept] = -math.inf  # never
+        chosen = top_per_group(values.view(-1, width), need[g0:g0 + groups],
+                               lambda r, c: order.rank(_view_positions(block, r * width + c)))
+        parts.append(_view_positions(block, chosen.view(-1).nonzero().squeeze(1)))
     grown = torch.sort(torch.cat(parts)).values if parts else kept.new_empty(0)
     return grown, best
+
+
+def _within(positions: torch.Tensor, block) -> torch.Tensor:
+    """The entries of the sorted ``positions`` in ``block``, as offsets from its start."""
+    a, b = torch.searchsorted(positions, torch.tensor([block.lo, block.hi])).tolist()
+    return positions[a:b] - block.lo
+
+
+def _in_view(block, offsets: torch.Tensor, cols: int) -> torch.Tensor:
+    """Indices into ``block``'s flattened matrix view of its flat ``offsets``."""
+    if len(block.shape) == 2:
+        return offsets
+    row, col = matrix_coords(tuple(block.shape), offsets)
+    return row * cols + col
+
+
+def _view_positions(block, index: torch.Tensor) -> torch.Tensor:
+    """The weight's flat positions of entries ``index`` of ``block``'s flattened matrix
+    view."""
+    if len(block.shape) == 2:
+        return index + block.lo
+    return matrix_positions(tuple(block.shape), index.device).view(-1)[index] + block.lo
 
 
 def keep_within(sparsifier, name: str, n_keep: int, t: int) -> torch.Tensor | None:

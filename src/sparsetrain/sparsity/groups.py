@@ -8,8 +8,9 @@ number of active weights:
 - ``"block:RxC"``: a group is an aligned R x C block, active whole or not at all.
 
 Group ids run in row-major order of the groups in the matrix view. ``top_per_group`` keeps a
-given number of entries in each group, by score, ties by key, in O(n log k) (one ``topk`` of the
-largest need, then a sort of the tied entries only).
+given number of entries in each group, by score, ties by key: in O(n) with the compiled kernels
+(a selection in every row), else in O(n log k) (one ``topk`` of the largest need); then a sort
+of the tied entries only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import math
 import torch
 
 from typing import Callable, Protocol
+
+from ..kernels import compiled_kernels
 
 
 class Structure(Protocol):
@@ -160,21 +163,25 @@ def top_per_group(scores: torch.Tensor, need: torch.Tensor,
     """Boolean ``(groups, width)``: in every row ``g`` of ``scores`` its ``need[g]`` largest
     entries, ties by the lower key, ``keys(rows, cols)`` giving the (within a row distinct)
     keys of tied entries. Entries scored ``-inf`` are never taken (``need`` must not exceed a
-    row's other entries)."""
+    row's other entries). Scores must not be NaN."""
     groups, width = scores.shape
-    chosen = torch.zeros_like(scores, dtype=torch.bool)
     need = need.to(device=scores.device, dtype=torch.int64).clamp(0, width)
-    k = int(need.max()) if need.numel() else 0
-    if k == 0:
-        return chosen
-    top = torch.topk(scores, k, dim=1).values  # O(n log k)
-    kth = top.gather(1, (need - 1).clamp(min=0).unsqueeze(1))
-    kth[need == 0] = math.inf
-    chosen = scores > kth
-    short = need - chosen.sum(1)
-    tied = ((scores == kth) & (short > 0).unsqueeze(1)).nonzero()
-    if tied.numel():
-        r, c = tied[:, 0], tied[:, 1]
+    if not need.numel() or int(need.max()) == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kernels = compiled_kernels() if scores.device.type == "cpu" else None
+    if kernels is not None and scores.dtype in (torch.float32, torch.float64):
+        # each row's selection in O(width); only rows whose ties overflow come back short
+        chosen, kth, short = kernels.top_per_row(scores.contiguous(), need.contiguous())
+    else:
+        top = torch.topk(scores, int(need.max()), dim=1).values  # O(n log k)
+        kth = top.gather(1, (need - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        kth[need == 0] = math.inf
+        chosen = scores > kth.unsqueeze(1)
+        short = need - chosen.sum(1)
+    rows = (short > 0).nonzero().squeeze(1)
+    if rows.numel():  # the tied entries of those rows, by key
+        tied = (scores[rows] == kth[rows].unsqueeze(1)).nonzero()
+        r, c = rows[tied[:, 0]], tied[:, 1]
         tie_keys = keys(r, c)
         order = torch.argsort(r * (int(tie_keys.max()) + 1) + tie_keys)  # tied entries only
         r, c = r[order], c[order]

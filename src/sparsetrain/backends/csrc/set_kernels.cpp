@@ -8,12 +8,15 @@
 //                        sets of sorted, distinct int64 positions, each in linear time
 //   gather_or_zero       out[j] = tensor[where[j]], 0 where where[j] < 0
 //   kth_largest, indices_at_least   top-k selection: its k-th score, the entries at least it
+//   top_per_row          the largest entries of every row of a matrix, as many as each row needs
 #include <torch/extension.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -331,6 +334,85 @@ torch::Tensor kth_largest(torch::Tensor scores, int64_t k) {
   return out;
 }
 
+// Every row g of the (rows, width) `scores` keeps its need[g] largest entries: `chosen` marks
+// those above the row's need[g]-th largest (its `kth`), and those equal to it where all of them
+// fit; where more entries tie with the kth than places are left, none of the tied ones is
+// marked and `short` holds the places left (the caller breaks those ties by its keys). A row
+// with need 0 has kth +inf. Scores must not be NaN (-inf is fine). Rows in parallel; per row,
+// O(width): for k = need[g] up to a quarter of the row, the row is cut into k runs, and the
+// smallest of their maxima is a floor that at least k entries reach (one per run), so the
+// k-th is found among the entries at least that floor (a few times k on most data), by
+// std::nth_element on their order keys; for larger k, among all the entries.
+template <typename T>
+void top_rows(const T* x, int64_t rows, int64_t width, const int64_t* need, bool* chosen,
+              T* kth, int64_t* short_) {
+  using U = typename OrderKey<T>::type;
+#pragma omp parallel if (rows * width > (1 << 15))
+  {
+    std::vector<U> keys(width);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < rows; ++g) {
+      const T* row = x + g * width;
+      bool* mark = chosen + g * width;
+      const int64_t k = std::min<int64_t>(std::max<int64_t>(need[g], 0), width);
+      if (k == 0) {
+        std::fill(mark, mark + width, false);
+        kth[g] = std::numeric_limits<T>::infinity();
+        short_[g] = 0;
+        continue;
+      }
+      for (int64_t i = 0; i < width; ++i) keys[i] = order_key(row[i]);
+      int64_t n = width;
+      if (4 * k <= width) {
+        U floor = ~U(0);  // at least k keys reach it
+        for (int64_t c = 0; c < k; ++c) {
+          U most = 0;
+          for (int64_t i = c * width / k, i1 = (c + 1) * width / k; i < i1; ++i)
+            most = std::max(most, keys[i]);
+          floor = std::min(floor, most);
+        }
+        n = 0;  // the keys at least the floor, in place, without branches
+        for (int64_t i = 0; i < width; ++i) {
+          const U key = keys[i];
+          keys[n] = key;
+          n += key >= floor;
+        }
+      }
+      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.begin() + n, std::greater<U>());
+      const U at = keys[k - 1];
+      int64_t above = 0, equal = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        above += keys[j] > at;
+        equal += keys[j] == at;
+      }
+      const bool all_tied_fit = above + equal == k;
+      for (int64_t i = 0; i < width; ++i) {
+        const U key = order_key(row[i]);
+        mark[i] = key > at || (all_tied_fit && key == at);
+      }
+      kth[g] = from_order_key<T>(at);
+      short_[g] = all_tied_fit ? 0 : k - above;
+    }
+  }
+}
+
+std::vector<torch::Tensor> top_per_row(torch::Tensor scores, torch::Tensor need) {
+  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.device().is_cpu(),
+              "top_per_row: scores must be contiguous 2-D on the CPU");
+  TORCH_CHECK(need.dim() == 1 && need.numel() == scores.size(0) && need.is_contiguous() &&
+              need.scalar_type() == torch::kInt64, "top_per_row: need must be int64, one a row");
+  const int64_t rows = scores.size(0), width = scores.size(1);
+  auto chosen = torch::empty({rows, width}, scores.options().dtype(torch::kBool));
+  auto kth = torch::empty({rows}, scores.options());
+  auto short_ = torch::empty({rows}, need.options());
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "top_per_row", [&] {
+    top_rows<scalar_t>(scores.data_ptr<scalar_t>(), rows, width, need.data_ptr<int64_t>(),
+                       chosen.data_ptr<bool>(), kth.data_ptr<scalar_t>(),
+                       short_.data_ptr<int64_t>());
+  });
+  return {chosen, kth, short_};
+}
+
 // The sorted indices of the scores (float32, float64 or int64) at least `threshold`, one entry
 // of their dtype (compared exactly, also int64 beyond 2^53).
 torch::Tensor indices_at_least(torch::Tensor scores, torch::Tensor threshold) {
@@ -496,6 +578,7 @@ void register_set_kernels(pybind11::module& m) {
   m.def("zero_inactive", &zero_inactive, "tensor[~active] = 0, in place");
   m.def("candidates_at_least", &candidates_at_least, "entries of a score block at least a threshold");
   m.def("kth_largest", &kth_largest, "k-th largest of float scores (empty where one is NaN)");
+  m.def("top_per_row", &top_per_row, "(chosen, kth, short): each row's largest, ties left");
   m.def("indices_at_least", &indices_at_least, "sorted indices of the scores at least a threshold");
   m.def("sorted_contains", &sorted_contains, "whether each query is among the sorted values");
   m.def("sorted_match", &sorted_match, "(index of each sorted query or -1, queries not found)");
