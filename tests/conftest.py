@@ -65,14 +65,15 @@ def save_checkpoint(path, model, optimizer, sparsifier):
     return torch.load(path, weights_only=True)
 
 
-def schedule_kwargs(method, delta_t, **fixed_budget_only):
-    """Keywords for ``make_sparsifier(method, ...)``: the update period, plus those (such as
-    ``alpha``) that only the fixed-budget methods take; GMP takes ``delta_t`` as its pruning
-    frequency."""
+def schedule_kwargs(method, delta_t, **if_taken):
+    """Keywords for ``make_sparsifier(method, ...)``: the update period (GMP takes ``delta_t``
+    as its pruning frequency), plus those of ``if_taken`` (such as ``alpha``) that the method's
+    constructor names."""
     import sparsetrain as st
+    from sparsetrain.runner.build import accepted_keywords
 
-    extra = fixed_budget_only if st.get_method(method).fixed_budget else {}
-    return {"delta_t": delta_t, **extra}
+    taken = accepted_keywords(st.get_method(method))
+    return {"delta_t": delta_t, **{k: v for k, v in if_taken.items() if k in taken}}
 
 
 # The shared data beside the checkout (``../shared/data``), here and in CI. The library never

@@ -98,13 +98,16 @@ def test_every_method_carries_its_training_flops_rule(method, backend):
     dense = flops(model, torch.zeros(2, 784)).total
     sp = st.make_sparsifier(method, model, opt, density=0.1, total_steps=10, delta_t=5,
                             backend=backend)
-    sparse = flops(model, torch.zeros(2, 784), sp.active_counts())
+    by_counts = flops(model, torch.zeros(2, 784), sp.active_counts())
     by_masks = flops(model, torch.zeros(2, 784), dict(sp.masks))
-    assert sparse.to_dict() == by_masks.to_dict()
+    assert by_counts.to_dict() == by_masks.to_dict()
+    sparse = flops(model, torch.zeros(2, 784), sp.forward_counts())  # the sparse model's
     if sp.fixed_budget:
-        assert sparse.weights == pytest.approx(2 * sum(sp.active_counts().values()))
+        assert sparse.weights == pytest.approx(2 * sum(sp.forward_counts().values()))
+    # the registry's rule from the densities alone; a run counts its own sets (Top-KAST's
+    # backward set from its counts), within 1%
     assert sp.training_flops_per_example(dense, sparse.total) == pytest.approx(
-        training_flops_per_example(method, dense, sparse.total, delta_t=5))
+        training_flops_per_example(method, dense, sparse.total, delta_t=5), rel=1e-2)
 
 
 def test_gpt_mini_counts_its_functional_attention_once():

@@ -13,17 +13,15 @@ METHODS = st.available_methods()
 PAIRS = st.supported_pairs()
 
 
-def varies_within_range(sp, t):
-    """Whether the method may hold a count anywhere in its allowed range after step ``t``."""
-    return sp.fixed_budget and any(lo < hi for lo, hi in sp.allowed_counts(t).values())
-
-
-def expected_counts_after(sp, t, before):
-    """Active weights per layer after step ``t``: constant for a fixed budget, else the schedule's
-    count at pruning steps and unchanged in between."""
-    if sp.fixed_budget or not sp.is_update_step(t):
-        return before
-    return sp.target_counts(t)
+def check_counts(sp, t, counts):
+    """The counts after step ``t`` are those the method schedules, within its allowed range."""
+    expected, total = sp.scheduled_counts(t), sp.scheduled_total(t)
+    if expected is not None:
+        assert counts == expected, f"step {t}"
+    if total is not None:
+        assert sum(counts.values()) == total, f"step {t}"
+    for name, (low, high) in sp.allowed_counts(t).items():
+        assert low <= counts[name] <= high, f"{name} at step {t}"
 
 
 @pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
@@ -37,24 +35,19 @@ def test_invariants(method, backend, distribution, optimizer_name):
     sp = st.make_sparsifier(method, model, opt, density=0.2, distribution=distribution,
                             total_steps=24, backend=backend, **schedule_kwargs(method, 4, alpha=0.5))
     b = sp.backend
-    counts = sp.active_counts()
     budget = {n: fixed_count(sp.structure, tuple(b.shape(n)), round(d * numel[n]))
               for n, d in st.layer_densities(tiny_cnn(), 0.2, distribution).items()}
+    check_counts(sp, 0, sp.active_counts())
     if sp.fixed_budget:
-        assert counts == budget
-    else:  # dense to sparse: the initial density (1.0 by default) down to the budget
-        assert counts == {n: numel[n] for n in counts}
+        assert sp.forward_counts() == budget
     changed = 0
     for t, (x, y) in enumerate(batches(24), start=1):
         before = {n: m.clone() for n, m in sp.masks.items()}
         weight_before = {n: b.dense_weight(n).clone() for n in sp.names}
         state_before = {n: [s.clone() for s in b.dense_state(n)] for n in sp.names}
         train_step(model, opt, sp, x, y)
-        counts = expected_counts_after(sp, t, counts)
-        if varies_within_range(sp, t):  # SRigL's ablation: B // A weights in each of A rows
-            counts = sp.active_counts()
-            assert all(lo <= counts[n] <= hi for n, (lo, hi) in sp.allowed_counts(t).items())
-        assert sp.active_counts() == counts, f"step {t}"
+        counts = sp.active_counts()
+        check_counts(sp, t, counts)
         for name, mask in sp.masks.items():
             weight, states = b.dense_weight(name), b.dense_state(name)
             assert mask.dtype == torch.bool and mask.shape == weight.shape
@@ -69,8 +62,9 @@ def test_invariants(method, backend, distribution, optimizer_name):
             assert sp.is_update_step(t), f"{name} changed at step {t}, not an update step"
             grown = mask & ~before[name]
             if grown.any():
-                assert sp.fixed_budget, f"{method} must only prune, but {name} grew at step {t}"
-                assert torch.count_nonzero(weight[grown]) == 0, "grown weights must start at zero"
+                assert sp.grows, f"{method} must only prune, but {name} grew at step {t}"
+                if sp.grows_at_zero:
+                    assert torch.count_nonzero(weight[grown]) == 0, "grown weights start at 0"
                 for state in states:
                     assert torch.count_nonzero(state[grown]) == 0, "grown state must be zero"
             if not sp.optimizer_step_on_update:  # the update replaced the optimizer step
@@ -78,10 +72,9 @@ def test_invariants(method, backend, distribution, optimizer_name):
                 assert torch.equal(weight[kept], weight_before[name][kept]), "kept weights move"
                 for new, old in zip(states, state_before[name]):
                     assert torch.equal(new[kept], old[kept]), "kept state moves along"
-    if not sp.fixed_budget:  # the schedule has ended (end_step <= 24): the budget is reached
-        assert sp.active_counts() == budget
-    elif not varies_within_range(sp, 24):
-        assert sp.active_counts() == budget
+    final = sp.scheduled_counts(sp.total_steps)
+    if final is not None:  # where the method fixes the final counts: the distribution's
+        assert sp.forward_counts() == budget
     if method == "static":
         assert changed == 0
     else:
@@ -114,11 +107,9 @@ def test_dtypes_follow_the_model(method, backend, dtype):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     kwargs = dict(density=0.3, total_steps=8, backend=backend, **schedule_kwargs(method, 2))
     sp = st.make_sparsifier(method, model, opt, **kwargs)
-    counts = {n: int(m.sum()) for n, m in sp.masks.items()}
     for t, (x, y) in enumerate(batches(8), start=1):
         train_step(model, opt, sp, x.to(dtype), y)
-        counts = expected_counts_after(sp, t, counts)
-    assert {n: int(m.sum()) for n, m in sp.masks.items()} == counts
+        check_counts(sp, t, {n: int(m.sum()) for n, m in sp.masks.items()})
     assert all(p.dtype == dtype for p in model.parameters())
 
 
@@ -131,10 +122,8 @@ def test_cuda(method):
     sp = st.make_sparsifier(method, model, opt, density=0.2, total_steps=8,
                             **schedule_kwargs(method, 2))
     assert all(m.is_cuda for m in sp.masks.values())
-    counts = {n: int(m.sum()) for n, m in sp.masks.items()}
     for t, (x, y) in enumerate(batches(8), start=1):
         train_step(model, opt, sp, x.cuda(), y.cuda())
-        counts = expected_counts_after(sp, t, counts)
-    assert {n: int(m.sum()) for n, m in sp.masks.items()} == counts
+        check_counts(sp, t, {n: int(m.sum()) for n, m in sp.masks.items()})
     params = dict(model.named_parameters())
     assert all(torch.count_nonzero(params[n][~m]) == 0 for n, m in sp.masks.items())

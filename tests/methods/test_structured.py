@@ -12,6 +12,7 @@ from torch import nn
 import sparsetrain as st
 from sparsetrain.sparsity.groups import group_counts, matrix_coords
 from sparsetrain.sparsity.structure import parse_structure
+from tests.conftest import schedule_kwargs
 
 PAIRS = st.supported_pairs()
 STRUCTURES = list(st.STRUCTURE_EXAMPLES.values())
@@ -43,7 +44,7 @@ def build(method, backend, structure, steps=24, **extra):
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     density = 0.5 if parse_structure(structure).kind == "n:m" else 0.25
-    kwargs = {"delta_t": 4, **({"alpha": 0.5} if st.get_method(method).fixed_budget else {})}
+    kwargs = schedule_kwargs(method, 4, alpha=0.5)
     sp = st.make_sparsifier(method, model, opt, density=density, total_steps=steps,
                             backend=backend, structure=structure, **kwargs, **extra)
     return model, opt, sp

@@ -40,7 +40,15 @@ one every active set keeps, from which a backend may pick a faster storage forma
 ``requires`` more is refused with a clear error before anything is converted:
 
 - ``"dense_gradient_every_step"``: the dense gradient of every step (e.g. for a moving average);
-- ``"variable_count"``: ``set_active`` may change the number of active weights (pruning).
+- ``"variable_count"``: ``set_active`` may change the number of active weights (pruning);
+- ``"dense_weights"``: every weight has a dense place of its own whatever the density, so a
+  method may hold a layer dense for a while (AC/DC's dense phases) or keep weights outside the
+  active set at no extra cost (Top-KAST's backward set); ``dense_weight(name)`` is then the
+  weight's own storage, which such a method may write in place.
+
+``CAPABILITIES`` says why a method needs each, for the error that refuses it; a backend may
+also say why it lacks one at the moment (``missing_reason(capability)``, a classmethod: the CSR
+backend changes no counts under torch.distributed).
 """
 
 from __future__ import annotations
@@ -55,6 +63,14 @@ BLOCK_ELEMENTS = 1 << 23
 
 DENSE_GRADIENT_EVERY_STEP = "dense_gradient_every_step"
 VARIABLE_COUNT = "variable_count"
+DENSE_WEIGHTS = "dense_weights"
+
+#: What each capability gives, as the error that refuses a method says it.
+CAPABILITIES = {
+    DENSE_GRADIENT_EVERY_STEP: "the dense gradient of every step",
+    VARIABLE_COUNT: "a number of active weights that changes",
+    DENSE_WEIGHTS: "dense storage of every weight",
+}
 
 
 class GradientUnavailable(RuntimeError):

@@ -19,8 +19,8 @@ import torch
 from ..kernels import compiled_kernels
 from ..sparsity.positions import mask_of, positions_of
 from ..sparsity.targets import Target
-from .base import (DENSE_GRADIENT_EVERY_STEP, VARIABLE_COUNT, Block, row_blocks, row_multiple,
-                   unavailable)
+from .base import (DENSE_GRADIENT_EVERY_STEP, DENSE_WEIGHTS, VARIABLE_COUNT, Block, row_blocks,
+                   row_multiple, unavailable)
 
 #: Entries of a block of the dense gradient that a score reads at once (4 MB in float32: small
 #: enough that the C allocator reuses the scratch memory instead of mapping it anew).
@@ -56,7 +56,7 @@ class MaskedBackend:
     """Dense storage times a mask, for the weights in ``targets``."""
 
     name = "masked"
-    capabilities = frozenset({DENSE_GRADIENT_EVERY_STEP, VARIABLE_COUNT})
+    capabilities = frozenset({DENSE_GRADIENT_EVERY_STEP, VARIABLE_COUNT, DENSE_WEIGHTS})
 
     def __init__(self, targets: Iterable[Target], active: Mapping[str, torch.Tensor],
                  optimizer: torch.optim.Optimizer, *, model: torch.nn.Module | None = None,

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import checks
 from ..backends import get_backend
+from ..backends.base import CAPABILITIES
 from ..flops import sparse_training_flops
 from ..sparsity.coverage import Coverage, check_coverage, coverage
 from ..sparsity.distributions import check_density, densities_for_shapes
@@ -100,14 +101,23 @@ class Sparsifier:
 
     - ``is_update_step(t)`` and ``update_topology(t)``: when and how the active sets change;
     - ``drop_scores(name)``: which active weights an update drops or prunes (``|W|``);
-    - ``observe_gradients()``: called every step with the dense gradients in place;
+    - ``observe_gradients()``: called every step with the dense gradients in place, and
+      ``after_step()`` at the end of every step;
     - ``training_flops(f_dense, f_sparse, delta_t=...)``: training FLOPs per example and step;
     - ``requires`` (backend capabilities) and ``update_reads_gradient`` (whether an update's
-      scores read the dense gradient of its step).
+      scores read the dense gradient of its step);
+    - what the counts do: ``fixed_budget`` (every layer keeps its count), ``grows`` (whether
+      an update may activate a position; ``grows_at_zero``: a grown weight starts at zero, its
+      optimizer state always does), ``scheduled_counts(t)`` and ``scheduled_total(t)``
+      (the counts the method holds after step ``t``), ``allowed_counts(t)`` and
+      ``allowed_total(t)`` (the ranges a loaded state may hold) and ``forward_counts()`` (the
+      active weights the forward pass uses, where fewer than the active set).
     """
 
     method_name = "sparsifier"
     fixed_budget = True  # every layer keeps its number of active weights from start to end
+    grows = True  # an update may activate positions (False: it only prunes)
+    grows_at_zero = True  # a grown weight starts at zero (False: at a value the method held)
     requires: frozenset[str] = frozenset()
     update_reads_gradient = False
     optimizer_step_on_update = True
@@ -141,10 +151,13 @@ class Sparsifier:
         backend_class = get_backend(backend)
         missing = sorted(self.requires - backend_class.capabilities)
         if missing:
+            reason = getattr(backend_class, "missing_reason", lambda capability: None)
+            why = "".join(f" ({r})" for r in map(reason, missing) if r)
             raise ValueError(
                 f"{type(self).__name__} is not available on backend={backend!r}: it needs "
-                f"{', '.join(missing)}, which that backend does not provide; use a backend "
-                f"that does ({', '.join(self.supported_backends())})")
+                f"{'; '.join(f'{c} ({CAPABILITIES.get(c, c)})' for c in missing)}, which that "
+                f"backend does not provide{why}; use a backend that does "
+                f"({', '.join(self.supported_backends())})")
         shapes = {t.name: tuple(t.shape) for t in sparse}
         check_structure(self.structure, shapes, self.density)
         if masks is None:
@@ -158,6 +171,7 @@ class Sparsifier:
         self.backend = backend_class(sparse, active, optimizer, model=model, seed=self.seed,
                                      structure=self.structure)
         self._index = {name: i for i, name in enumerate(self.backend.names)}
+        self._start_counts = self.active_counts()
         self.step_count = 0
         self._updating = False
         self._hooks: list | None = None
@@ -204,6 +218,10 @@ class Sparsifier:
     def observe_gradients(self) -> None:
         """Called every step with the dense gradients in place, before they are masked."""
 
+    def after_step(self) -> None:
+        """Called at the end of every step, after the optimizer step and any update (Top-KAST
+        hides the weights its forward pass does not use here)."""
+
     def is_update_step(self, t: int) -> bool:
         """Whether the ``t``-th call of ``step()`` changes the active sets."""
         return False
@@ -220,7 +238,32 @@ class Sparsifier:
     def allowed_counts(self, t: int) -> dict[str, tuple[int, int]]:
         """The fewest and most active weights each layer may hold after step ``t`` (what a
         loaded state must have): a fixed budget's own counts, which never change."""
-        return {n: (c, c) for n, c in self.active_counts().items()}
+        return {n: (c, c) for n, c in self._start_counts.items()}
+
+    def allowed_total(self, t: int) -> tuple[int, int] | None:
+        """The fewest and most active weights all the layers together may hold after step
+        ``t`` (what a loaded state must have, beside ``allowed_counts``), or None where only
+        the layers' own ranges apply (the default)."""
+        return None
+
+    def forward_counts(self) -> dict[str, int]:
+        """The active weights of every layer that the forward pass uses: ``active_counts()``,
+        except for a method that updates more weights than its forward pass uses (Top-KAST),
+        whose inference FLOPs and final density are of these."""
+        return self.active_counts()
+
+    def scheduled_counts(self, t: int) -> dict[str, int] | None:
+        """The active weights of every layer after step ``t``, as the method fixes them (with
+        every update run: one skipped on non-finite scores leaves the counts as they were), or
+        None where the data decide how they are spread over the layers (then
+        ``scheduled_total(t)`` may still fix their sum). A fixed budget's counts at the start."""
+        return dict(self._start_counts) if self.fixed_budget else None
+
+    def scheduled_total(self, t: int) -> int | None:
+        """The active weights of all the layers together after step ``t``, as the method fixes
+        them, or None where it does not: the sum of ``scheduled_counts(t)`` by default."""
+        counts = self.scheduled_counts(t)
+        return None if counts is None else sum(counts.values())
 
     def method_state(self) -> dict[str, Any]:
         return {}
@@ -286,6 +329,7 @@ class Sparsifier:
             with torch.no_grad():
                 self.update_topology(self.step_count)
             self._updating = False
+        self.after_step()
         self._prepare_next_step()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, *, scaler=None,
@@ -503,6 +547,15 @@ class Sparsifier:
                     f"this sparsifier holds {expected} there at step {step}; build the "
                     "sparsifier with the saved run's settings (density, distribution, "
                     "schedule, masks)")
+        bounds = self.allowed_total(int(step))
+        total = sum(p.numel() for p in active.values())
+        if bounds is not None and not bounds[0] <= total <= bounds[1]:
+            low, high = bounds
+            expected = f"exactly {low}" if low == high else f"between {low} and {high}"
+            raise ValueError(
+                f"the state_dict's active sets hold {total} weights in all, but this sparsifier "
+                f"holds {expected} at step {step}; build the sparsifier with the saved run's "
+                "settings (density, distribution, schedule, masks)")
         check_conforms(self.structure, shapes, active, "the state_dict's positions",
                        self.empty_rows_allowed)
         ever = ({} if state.get("ever_active") is None

@@ -79,6 +79,7 @@ class GMP(Sparsifier):
     """
 
     fixed_budget = False
+    grows = False
     requires = frozenset({VARIABLE_COUNT})  # the number of active weights goes down
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float,
@@ -161,10 +162,14 @@ class GMP(Sparsifier):
         """From the schedule's count at the last pruning step up to ``t`` (after which the
         masks hold it) up to the initial count (a pruning skipped on non-finite weights keeps
         more)."""
+        low = self.scheduled_counts(t)
+        return {n: (low[n], self._initial_counts[n]) for n in self.backend.names}
+
+    def scheduled_counts(self, t: int) -> dict[str, int]:
+        """``target_counts`` of the last pruning step up to ``t``, which the masks hold."""
         last = (self.end_step if t >= self.end_step
                 else max(self.start_step, t - (t - self.start_step) % self.frequency))
-        low = self.target_counts(last)
-        return {n: (low[n], self._initial_counts[n]) for n in self.backend.names}
+        return self.target_counts(last)
 
     def density_at(self, t: int) -> float:
         """Overall density of the sparsified weights that the schedule asks for at step ``t``.

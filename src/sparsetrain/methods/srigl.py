@@ -60,6 +60,10 @@ class SRigL(RigL):
         rows = {n: self.backend.shape(n)[0] for n in self.backend.names}
         return {n: (max(1, b - rows[n] + 1), b) for n, b in self.budget.items()}
 
+    def scheduled_counts(self, t: int) -> dict[str, int] | None:
+        """The budget where nothing is ablated; else None (B // A weights in each of A rows)."""
+        return dict(self.budget) if self.gamma_sal == 0 else None
+
     def config(self) -> dict[str, Any]:
         return {**super().config(), "gamma_sal": self.gamma_sal}
 

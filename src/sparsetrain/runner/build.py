@@ -249,6 +249,20 @@ def scaled_step_options(options: dict[str, Any], length: float) -> dict[str, Any
     return scaled
 
 
+def accepted_keywords(cls: type) -> set[str]:
+    """The keywords a class's constructor takes, through ``**kwargs`` handed on to a base
+    class's constructor (SRigL takes RigL's)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters
+        names |= {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
 def _registered_sparsifier(c: TrainConfig, model: nn.Module, optimizer, total_steps: int):
     # the schedule settings every method may take; each gets those its constructor names
     # (t_end, and GMP's default start and end, are fractions of total_steps, which the
@@ -256,7 +270,7 @@ def _registered_sparsifier(c: TrainConfig, model: nn.Module, optimizer, total_st
     schedule = dict(distribution=c.distribution, delta_t=c.delta_t, alpha=c.alpha,
                     drop_fraction_decay=c.drop_fraction_decay,
                     t_end=max(1, int(c.t_end * total_steps)))
-    accepted = inspect.signature(get_method(c.method).__init__).parameters
+    accepted = accepted_keywords(get_method(c.method))
     options: dict[str, Any] = {k: v for k, v in schedule.items() if k in accepted}
     options.update(scaled_step_options(c.method_options, c.length))
     try:

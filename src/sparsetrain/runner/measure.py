@@ -91,7 +91,7 @@ def density(model: nn.Module, sparsifier: Any | None) -> float:
 
 def inference_flops(model: nn.Module, example: torch.Tensor, sparsifier: Any | None) -> float:
     """FLOPs of the forward pass of one ``example`` with the current active sets."""
-    return flops(model, example, {} if sparsifier is None else sparsifier.active_counts()).total
+    return flops(model, example, {} if sparsifier is None else sparsifier.forward_counts()).total
 
 
 def step_training_flops(sparsifier: Any | None, dense_flops: float, sparse_flops: float) -> float:
