@@ -43,7 +43,8 @@ def run(method, backend, dtype, masks=None):
     model = mlp(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     sp = st.make_sparsifier(method, model, opt, density=0.3, total_steps=STEPS, delta_t=10,
-                            distribution="uniform", backend=backend, masks=masks)
+                            distribution="uniform", backend=backend,
+                            **({} if masks is None else {"masks": masks}))
     initial = {n: sp.active_positions(n).clone() for n in sp.names}
     losses, updates = [], []
     sp.tied_growth = 0  # updates that grew a connection of zero gradient (a tie) in layer 0

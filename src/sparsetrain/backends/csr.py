@@ -47,6 +47,7 @@ from ..kernels import compiled_kernels  # noqa: F401  (the benchmarks import it 
 from .block_ops import BLOCK_KEYS, block_linear, block_structure
 from .csr_ops import (DTYPES, INDEX, check_index_range, csr_linear, register_layer,
                       row_pointers, transpose)
+from .optimizer_state import set_data
 
 #: What ``CSRLinear.activation`` may be: None (no activation) or a ReLU fused into the kernels.
 ACTIVATIONS = (None, "relu")
@@ -91,6 +92,11 @@ class CSRLinear(nn.Module):
     row pointers), ``t_row`` (the row of ``W`` of each of its non-zeros) and ``t_perm`` (where
     each sits in ``values``), int32 too, so that the input gradient ``grad_y W`` is a gathering
     product like the forward one instead of a scatter.
+
+    The number of non-zeros may change (``set_positions`` with new values, the CSR backend's
+    ``set_active`` for a method that prunes, loading a state dict of another size): ``values``
+    stays the same ``nn.Parameter`` with new data, so an optimizer holding it keeps it. A layer
+    may hold no weight at all (``nnz == 0``): it outputs its bias (through the activation).
     """
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor,
@@ -180,20 +186,46 @@ class CSRLinear(nn.Module):
         return self.rows() * self.in_features + self.col
 
     @torch.no_grad()
-    def set_positions(self, positions: torch.Tensor) -> None:
-        """Point the structure at the sorted flat ``positions`` (as many as there are values).
-        With a block shape set, positions that do not tile into its aligned blocks raise a
-        ValueError and leave the layer as it was."""
+    def indices_for(self, positions: torch.Tensor):
+        """``(crow, col, blocks)`` of the sorted flat ``positions`` (any number of them): the
+        row pointers and columns (int32) and, with a block shape, the block metadata (else
+        None). Changes nothing; ValueError where they do not fit int32 indices or, with a block
+        shape, do not tile into its aligned blocks. O(len(positions) + out + in)."""
         positions = positions.to(device=self.values.device, dtype=torch.int64)
-        if positions.numel() != self.values.numel():
-            raise ValueError(f"{positions.numel()} positions for {self.values.numel()} values")
         check_index_range(self.out_features, self.in_features, positions.numel())
         rows = torch.div(positions, self.in_features, rounding_mode="floor")
         crow = row_pointers(rows, self.out_features)
         col = (positions - rows * self.in_features).to(INDEX)
-        blocks = self._blocks_of(crow, col)  # raises before anything changes
+        return crow, col, self._blocks_of(crow, col)
+
+    @torch.no_grad()
+    def set_indices(self, crow: torch.Tensor, col: torch.Tensor, blocks: dict | None) -> None:
+        """Take the structure ``indices_for`` built (the values must already be as many as
+        ``col``, in its order)."""
+        if col.numel() != self.values.numel():
+            raise ValueError(f"{col.numel()} column indices for {self.values.numel()} values")
         self.crow, self.col = crow, col
         self._transpose_structure(blocks)
+
+    @torch.no_grad()
+    def set_positions(self, positions: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Point the structure at the sorted flat ``positions``: as many as there are values,
+        which keep their order, or, with ``values`` (one per position, in their order), any
+        number of them, the values parameter staying the same object with new data (its
+        ``.grad`` is dropped; an optimizer's state of it is the caller's, as the CSR backend
+        does with :func:`.optimizer_state.take_state`). With a block shape set, positions that
+        do not tile into its aligned blocks raise a ValueError and leave the layer as it was."""
+        n = positions.numel()
+        if values is None and n != self.values.numel():
+            raise ValueError(f"{n} positions for {self.values.numel()} values; pass values= to "
+                             "change their number")
+        if values is not None and tuple(values.shape) != (n,):
+            raise ValueError(f"{n} positions need {n} values, got shape {tuple(values.shape)}")
+        indices = self.indices_for(positions)  # raises before anything changes
+        if values is not None:
+            self.values.grad = None
+            set_data(self.values, values.detach().to(self.values).contiguous().clone())
+        self.set_indices(*indices)
 
     def set_block_shape(self, shape: tuple[int, int] | None) -> None:
         """Compute with the block kernels for aligned ``(R, C)`` blocks (R outputs x C inputs),
@@ -242,15 +274,30 @@ class CSRLinear(nn.Module):
         return self.crow, self.col, self.t_crow, self.t_row, self.t_perm
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loads a state dict of any number of non-zeros: where the saved ``values`` and
+        ``col`` are another number than the layer's, the values parameter (the same object)
+        and ``col`` take the saved size first, dropping ``.grad`` (load the optimizer's state
+        dict saved with it too). The saved structure is checked first (int32 range, block
+        tiling): a ValueError leaves the layer as it was."""
         for key in ("crow", "col"):  # int64 in state dicts saved before int32 indices
             index = state_dict.get(prefix + key)
             if isinstance(index, torch.Tensor) and index.dtype == torch.int64:
                 state_dict[prefix + key] = index.to(INDEX)
         crow, col = state_dict.get(prefix + "crow"), state_dict.get(prefix + "col")
+        values = state_dict.get(prefix + "values")
+        whole = all(isinstance(t, torch.Tensor) for t in (crow, col)) and crow.shape == \
+            self.crow.shape
         blocks = None
-        if (self.block_shape is not None and crow is not None and col is not None
-                and crow.shape == self.crow.shape):  # checked before anything is loaded
+        if whole and self.block_shape is not None:  # checked before anything is loaded
             blocks = self._blocks_of(crow.to(self.crow.device), col.to(self.col.device))
+        if (whole and isinstance(values, torch.Tensor) and values.dim() == col.dim() == 1
+                and values.numel() == col.numel() != self.values.numel()
+                and int(crow[-1]) == col.numel()):
+            check_index_range(self.out_features, self.in_features, col.numel())
+            with torch.no_grad():  # another number of non-zeros: resized, then loaded
+                self.values.grad = None
+                set_data(self.values, self.values.new_zeros(values.numel()))
+                self.col = self.col.new_zeros(col.numel())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.col.numel() == self.values.numel():  # else load_state_dict reports the sizes
             self._transpose_structure(blocks if blocks is not None

@@ -11,10 +11,23 @@ Nothing here builds a dense tensor of a CSR layer's size: the dense gradient a g
 is computed block by block from the input and output gradient the layer recorded on the update
 step, ``grad_W[rows] = grad_y[:, rows]^T x`` (under torch.distributed gathered from every rank
 and averaged as DDP averages), and a block holds about twice the layer's non-zeros (within
-``MIN_BLOCK_ELEMENTS`` and ``BLOCK_ELEMENTS``). The number of values never changes, so the
-values parameter and its state tensors are updated in place. Layers on the ``meta`` device are
+``MIN_BLOCK_ELEMENTS`` and ``BLOCK_ELEMENTS``). Layers on the ``meta`` device are
 materialised with only their active weights, drawn as ``nn.Linear`` draws its initial weights
 (from a generator seeded with ``seed``): the RigL paper's "Big-Sparse" regime.
+
+A topology update moves the values and their optimizer state along with their positions, in
+O(nnz) (a merge of the sorted old and new positions, one gather a tensor, a counting sort for
+the transposed structure). Where the number of active weights stays, the values parameter and
+its state tensors are updated in place. Where it changes (capability ``"variable_count"``: GMP,
+SRigL's ablation, ...), the values parameter stays the same ``nn.Parameter`` (the optimizer's
+``param_groups`` and every reference to it stay valid) and gets new data of the new size, its
+``.grad`` and per-entry state tensors (momentum, Adam's moments) gathered likewise: kept weights
+keep theirs, new ones start at zero, dropped ones are gone, and memory stays proportional to the
+active count. A layer may end with no weight at all (it outputs its bias). Under torch.distributed
+this capability is withdrawn: ``DistributedDataParallel`` holds every parameter's size in its
+gradient buckets (and a resized one fails in the backward pass), so a method whose counts
+change is refused there when the sparsifier is built (use ``backend="masked"``), and a count
+change is refused in ``set_active``.
 """
 
 from __future__ import annotations
@@ -24,12 +37,14 @@ import warnings
 from typing import Iterable, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import collectives
 from ..sparsity.positions import match_sorted, union_sorted
 from ..sparsity.targets import Target
-from .base import BLOCK_ELEMENTS, Block, row_blocks, row_multiple, unavailable
+from .base import (BLOCK_ELEMENTS, VARIABLE_COUNT, Block, row_blocks, row_multiple,
+                   unavailable)
 from .conversion import csr_eligibility, fuse_relus
 from .csr import CSRLinear, _default_init
 from .csr_ops import DTYPES as CSR_DTYPES
@@ -39,12 +54,38 @@ from .optimizer_state import state_tensors, swap_param, take_state
 #: Fewest elements of a gradient block, so that the products stay large enough to run fast.
 MIN_BLOCK_ELEMENTS = 1 << 20
 
+#: Why a CSR layer's number of weights cannot change under torch.distributed.
+DISTRIBUTED_REASON = (
+    "under torch.distributed DistributedDataParallel keeps the size of every parameter in its "
+    "gradient buckets, and a CSR layer's values parameter would change size; use "
+    "backend='masked' for a method whose number of active weights changes")
+
+
+def in_process_group() -> bool:
+    """Whether a torch.distributed process group is initialised (of any size: DDP on one
+    process keeps its buckets too)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+class _Capabilities:
+    """``CSRBackend.capabilities``: ``"variable_count"``, except under an initialised
+    torch.distributed process group (see :data:`DISTRIBUTED_REASON`), as read when a sparsifier
+    is built."""
+
+    def __get__(self, obj, owner=None) -> frozenset[str]:
+        return frozenset() if in_process_group() else frozenset({VARIABLE_COUNT})
+
 
 class CSRBackend:
     """Sparsified ``nn.Linear`` weights as ``CSRLinear`` layers, the rest masked-dense."""
 
     name = "csr"
-    capabilities = frozenset()
+    capabilities = _Capabilities()  # variable_count, outside torch.distributed
+
+    @classmethod
+    def missing_reason(cls, capability: str) -> str | None:
+        """Why ``capability`` is not in ``capabilities`` now, where a reason is known."""
+        return DISTRIBUTED_REASON if capability == VARIABLE_COUNT and in_process_group() else None
 
     def __init__(self, targets: Iterable[Target], active: Mapping[str, torch.Tensor],
                  optimizer: torch.optim.Optimizer, *, model: nn.Module, seed: int = 0,
@@ -262,17 +303,32 @@ class CSRBackend:
 
     @torch.no_grad()
     def set_active(self, name: str, positions: torch.Tensor) -> None:
-        """Re-point CSR layer ``name`` at the sorted ``positions`` (as many as it has values):
-        values and state of positions it had move along, new positions start at zero."""
+        """Make the sorted ``positions`` the active set of CSR layer ``name``: values and state
+        of positions it had move along, new positions start at zero with zero state, dropped
+        ones go. Their number may differ from the layer's (capability ``variable_count``; not
+        under torch.distributed, RuntimeError): the values parameter (the same object), its
+        gradient and its state tensors then get the new size. Positions the layer cannot hold
+        (not tiling its R x C blocks, or beyond int32 indices) raise a ValueError naming the
+        layer, before anything changes. O(number of positions + the layer's dimensions)."""
         if name not in self.layers:
             return self.masked.set_active(name, positions)
         layer = self.layers[name]
-        if positions.numel() != layer.nnz:
-            raise ValueError(f"backend 'csr' keeps the number of weights of {name!r} fixed at "
-                             f"{layer.nnz}; got {positions.numel()} positions")
         positions = positions.to(layer.values.device)
+        n = positions.numel()
+        if n != layer.nnz and in_process_group():
+            raise RuntimeError(f"backend 'csr' cannot change the number of active weights of "
+                               f"{name!r} ({layer.nnz} -> {n}): {DISTRIBUTED_REASON}")
+        if layer.block_shape is not None and n % (layer.block_shape[0] * layer.block_shape[1]):
+            r, c = layer.block_shape
+            raise ValueError(f"backend 'csr' holds {name!r} in aligned {r}x{c} blocks, so its "
+                             f"number of active weights must be a multiple of {r * c}; got {n}")
+        try:
+            indices = layer.indices_for(positions)  # first: it raises on what it cannot hold
+        except ValueError as error:
+            raise ValueError(f"backend 'csr' cannot make {n} positions the active set of "
+                             f"{name!r}: {error}") from None
         where, fresh = match_sorted(layer.positions(), positions)  # where each one was
-        layer.set_positions(positions)  # first: it raises on positions it cannot hold
         take_state(self.optimizer, layer.values, where)
+        layer.set_indices(*indices)
         # only positions not active before can be new to ever-active
         self._ever[name] = union_sorted(self._ever[name], fresh)
