@@ -66,8 +66,12 @@ def test_clipping_leaves_the_update_its_choice(method, backend):
         for x, y in batches(9):
             opt.zero_grad()
             loss_of(model, x, y).backward()
-            if clip is not None and sp.is_update_step(sp.step_count + 1):
-                sp.clip_grad_norm_(clip)  # clipped hard on the update step
+            if sp.is_update_step(sp.step_count + 1):
+                if sp.optimizer_step_on_update:  # the optimizer steps before the update (GraNet):
+                    for group in opt.param_groups:  # at lr 0 both runs update the same weights
+                        group["lr"] = 0.0
+                if clip is not None:
+                    sp.clip_grad_norm_(clip)  # clipped hard on the update step
             sp.step()
             if sp.is_update_step(sp.step_count):
                 break
@@ -80,6 +84,8 @@ def test_clipping_leaves_the_update_its_choice(method, backend):
 @pytest.mark.parametrize("method,backend", DYNAMIC)
 def test_masking_gradients_before_an_update_warns(method, backend):
     model, opt, sp = build(method, backend, delta_t=2)
+    if all(bool(m.all()) for m in sp.masks.values()):
+        pytest.skip("a dense start (GraNet): masking by all-ones masks hides no gradient")
     for t, (x, y) in enumerate(batches(2), start=1):
         opt.zero_grad()
         loss_of(model, x, y).backward()
