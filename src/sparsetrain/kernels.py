@@ -11,7 +11,8 @@ from typing import Any
 
 _KERNELS: Any = None
 SOURCES = [Path(__file__).with_name("backends") / "csrc" / f for f in ("csr_kernels.cpp",
-                                                                    "set_kernels.cpp")]
+                                                                    "set_kernels.cpp",
+                                                                    "graph_kernels.cpp")]
 
 
 def compiled_kernels():

@@ -1159,6 +1159,8 @@ torch::Tensor block_weight_grad(torch::Tensor b_ptr, torch::Tensor b_col, torch:
 
 // The kernels of active sets and scores, in set_kernels.cpp.
 void register_set_kernels(pybind11::module& m);
+// The kernels of link prediction (CH3-L3), in graph_kernels.cpp.
+void register_graph_kernels(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_rows", &pack_rows, "(batch, features) -> (tiles, features, width)");
@@ -1178,4 +1180,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_input_grad_rows", &block_input_grad_rows, "grad_y W for W in blocks, by rows");
   m.def("block_weight_grad", &block_weight_grad, "grad_y^T x at W's blocks, both packed");
   register_set_kernels(m);  // set_kernels.cpp
+  register_graph_kernels(m);  // graph_kernels.cpp
 }
