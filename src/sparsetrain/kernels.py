@@ -1,5 +1,6 @@
-"""The compiled OpenMP kernels (``backends/csrc/``: ``csr_kernels.cpp``, the products, and
-``set_kernels.cpp``, active sets and scores), built with the machine's g++
+"""The compiled OpenMP kernels (``backends/csrc/``: ``csr_kernels.cpp``, the products,
+``set_kernels.cpp``, active sets and scores, and ``graph_kernels.cpp``, CHT's link
+prediction), built with the machine's g++
 on first use and cached by torch; ``None`` where they cannot be built, and every caller then
 uses torch's own operations (same results, more slowly)."""
 

@@ -90,3 +90,24 @@ def test_a_sweep_file_may_leave_cells_out(tmp_path):
     path.write_text("base: {model: lenet300}\ngrid: {seed: [0]}\nexclude: [{colour: red}]\n")
     with pytest.raises(ConfigError, match="colour"):
         load_sweep_exclude(path)
+
+
+def test_the_methods_preset_runs_every_registered_method_beside_dense():
+    import sparsetrain as st
+
+    preset = PRESETS["methods"]
+    cells = expand_grid(preset["base"], preset["grid"])
+    assert {c.method for c in cells} == {"dense", "small-dense", *st.available_methods()}
+    sparse = [c for c in cells if c.method not in ("dense", "small-dense")]
+    assert {(c.density, c.seed) for c in sparse} == {(d, s) for d in (0.1, 0.05, 0.02)
+                                                     for s in (0, 1, 2)}
+    assert all(c.epochs == 10 and c.model == "lenet300" for c in cells)
+
+
+def test_the_runner_hands_srigl_the_schedule_keywords_of_rigl():
+    import sparsetrain as st
+    from sparsetrain.runner.build import accepted_keywords
+
+    taken = accepted_keywords(st.get_method("srigl"))
+    assert {"gamma_sal", "delta_t", "alpha", "t_end", "distribution"} <= taken
+    assert "kwargs" not in taken

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .cells import SweepFailed, SweepStopped, train_cells
-from .config import (ConfigError, TrainConfig, make_config, normalise_key, read_yaml_file,
-                     unknown_key_error)
+from ..methods import available_methods
+from .config import (DENSE_METHODS, ConfigError, TrainConfig, make_config, normalise_key,
+                     read_yaml_file, unknown_key_error)
 from .folder import is_finished
 
 __all__ = ["PRESETS", "SweepFailed", "SweepStopped", "expand_grid", "load_sweep_exclude",
@@ -89,6 +90,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "density": [0.5, 0.1, 0.05], "seed": [0, 1, 2]},
         "exclude": [{"structure": "2:4", "density": [0.1, 0.05]},
                     {"structure": ["fan-in", "block:4x4"], "density": 0.5}],
+    },
+    # Every registered method (those since RigL included) beside dense and small-dense, on the
+    # main job's setting: LeNet-300-100 on Fashion-MNIST, 10 epochs, ERK, densities 0.1, 0.05
+    # and 0.02, 3 seeds. Each method runs with its own defaults (the paper's, scaled to the run's
+    # length); the README gives the measured time on 2 cores and the table.
+    "methods": {
+        "base": {"model": "lenet300", "data": "fashion-mnist", "distribution": "erk",
+                 "epochs": 10, "batch_size": 128, "lr": 0.05, "lr_schedule": "cosine",
+                 "delta_t": 100, "progress": False},
+        "grid": {"method": [*DENSE_METHODS, *available_methods()],
+                 "density": [0.1, 0.05, 0.02], "seed": [0, 1, 2]},
     },
     # The RigL paper's CIFAR-10 setting (WRN-22-2, 80% and 90% sparsity) and the GraSP paper's
     # VGG19 and ResNet32 at 90-98%: for a machine with a GPU and the CIFAR-10 batches in
