@@ -119,6 +119,18 @@ def _decorate(ax, xlabel: str, ylabel: str | None, title: str, legend_size: int 
     ax.legend(fontsize=legend_size)
 
 
+#: Markers cycled with the colours, so that series stay apart beyond ten of them.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def _colours(plt, n: int) -> list:
+    """``n`` distinct colours: matplotlib's ten, or the twenty of ``tab20`` beyond ten."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    cmap = plt.get_cmap("tab20")
+    return [cmap(i % 20) for i in range(n)]
+
+
 def _series_label(row: dict[str, Any], several_distributions: bool) -> str:
     if several_distributions and row["distribution"] != "-":
         return f"{method_label(row)} ({row['distribution']})"
@@ -137,22 +149,30 @@ def _plot_measure_vs(rows, m: Measure, x_key: str, path: Path, xlabel: str, titl
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, items in sorted(series.items(), key=lambda kv: method_rank(kv[0].split()[0])):
+    ordered = sorted(series.items(), key=lambda kv: method_rank(kv[0].split()[0]))
+    colours = _colours(plt, len(ordered))
+    for i, (label, items) in enumerate(ordered):
         items.sort(key=lambda r: r[x_key])
         ax.errorbar([r[x_key] for r in items], [r[m.row] for r in items],
-                    yerr=[r[m.std] for r in items], marker="o", capsize=3, label=label)
+                    yerr=[r[m.std] for r in items], marker=MARKERS[i % len(MARKERS)],
+                    color=colours[i], capsize=3, label=label)
     if dense:
         level = statistics.fmean(r[m.row] for r in dense)
         ax.axhline(level, color="black", linestyle="--", label="dense")
         if len(dense) == 1 and dense[0][m.std]:
             ax.axhspan(level - dense[0][m.std], level + dense[0][m.std], color="black",
                        alpha=0.08)
-    if log_x:  # a tick at every value: densities and FLOPs are few and far apart
+    if log_x:
         ax.set_xscale("log")
         values = sorted({r[x_key] for items in series.values() for r in items})
-        ax.set_xticks(values)
-        ax.set_xticklabels([f"{v:.3g}" for v in values])
-        ax.minorticks_off()
+        if len(values) <= 6:  # a tick at every value where they are few and far apart
+            ax.set_xticks(values)
+            ax.set_xticklabels([f"{v:.3g}" for v in values])
+            ax.minorticks_off()
+        else:  # many values: the decades labelled, not the ticks between them
+            from matplotlib.ticker import NullFormatter
+
+            ax.xaxis.set_minor_formatter(NullFormatter())
     _decorate(ax, xlabel, m.label, title)
     return _save(fig, path)
 
