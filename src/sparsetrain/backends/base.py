@@ -73,6 +73,13 @@ CAPABILITIES = {
 }
 
 
+def missing_reason(backend_class: type, capability: str) -> str | None:
+    """Why ``backend_class`` lacks ``capability`` at the moment, where it says
+    (``missing_reason`` classmethod), else None."""
+    reason = getattr(backend_class, "missing_reason", None)
+    return None if reason is None else reason(capability)
+
+
 class GradientUnavailable(RuntimeError):
     """A score read the dense gradient of a step for which it was not kept."""
 

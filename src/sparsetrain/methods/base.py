@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import checks
 from ..backends import get_backend
-from ..backends.base import CAPABILITIES
+from ..backends.base import CAPABILITIES, missing_reason
 from ..flops import sparse_training_flops
 from ..sparsity.coverage import Coverage, check_coverage, coverage
 from ..sparsity.distributions import check_density, densities_for_shapes
@@ -151,8 +151,8 @@ class Sparsifier:
         backend_class = get_backend(backend)
         missing = sorted(self.requires - backend_class.capabilities)
         if missing:
-            reason = getattr(backend_class, "missing_reason", lambda capability: None)
-            why = "".join(f" ({r})" for r in map(reason, missing) if r)
+            why = "".join(f" ({r})" for r in (missing_reason(backend_class, c) for c in missing)
+                          if r)
             raise ValueError(
                 f"{type(self).__name__} is not available on backend={backend!r}: it needs "
                 f"{'; '.join(f'{c} ({CAPABILITIES.get(c, c)})' for c in missing)}, which that "

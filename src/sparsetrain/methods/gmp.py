@@ -20,9 +20,9 @@ from torch import nn
 
 from .. import checks
 from ..backends.base import VARIABLE_COUNT
-from ..sparsity.distributions import check_density
 from ..sparsity.masks import active_count
-from ..sparsity.schedules import gradual_density, is_pruning_step
+from ..sparsity.schedules import (gradual_density, gradual_steps, is_pruning_step,
+                                  last_pruning_step)
 from ..sparsity.structure import count_for, fixed_count
 from .base import Sparsifier
 from .registry import register_method
@@ -90,28 +90,11 @@ class GMP(Sparsifier):
                  frequency: int | None = None, erk_power_scale: float = 1.0,
                  delta_t: int | None = None, sparsify_embeddings: bool = False,
                  structure: str | None = None):
-        self.initial_density = check_density(initial_density, "initial_density")
-        if check_density(density) > self.initial_density:
-            raise ValueError(
-                f"density (the final density, {density!r}) must not be above initial_density "
-                f"({initial_density!r}): pruning only removes weights")
         steps = checks.positive_int(total_steps, "total_steps")
-        if frequency is not None and delta_t is not None and frequency != delta_t:
-            raise ValueError(f"frequency ({frequency!r}) and delta_t ({delta_t!r}) name the "
-                             "same period; give one of them")
-        period = frequency if frequency is not None else delta_t
-        self.frequency = 100 if period is None else checks.positive_int(period, "frequency")
-        self.start_step = (int(0.2 * steps) if start_step is None
-                           else checks.non_negative_int(start_step, "start_step"))
-        self.end_step = (max(1, int(0.75 * steps)) if end_step is None
-                         else checks.positive_int(end_step, "end_step"))
-        if self.end_step > steps:
-            raise ValueError(f"end_step must be at most total_steps ({steps}), got "
-                             f"{self.end_step}")
-        if self.start_step >= self.end_step:
-            default = ", the default int(0.75 * total_steps)" if end_step is None else ""
-            raise ValueError(f"start_step ({self.start_step}) must be before end_step "
-                             f"({self.end_step}{default})")
+        self.initial_density, self.frequency, self.start_step, self.end_step = gradual_steps(
+            density, initial_density, steps, start_step, end_step, frequency, delta_t,
+            default_start=int(0.2 * steps), default_end=max(1, int(0.75 * steps)),
+            default_end_text="int(0.75 * total_steps)")
         super().__init__(model, optimizer, density=density, total_steps=total_steps,
                          distribution=distribution, dense_layers=dense_layers, seed=seed,
                          backend=backend, erk_power_scale=erk_power_scale,
@@ -167,9 +150,8 @@ class GMP(Sparsifier):
 
     def scheduled_counts(self, t: int) -> dict[str, int]:
         """``target_counts`` of the last pruning step up to ``t``, which the masks hold."""
-        last = (self.end_step if t >= self.end_step
-                else max(self.start_step, t - (t - self.start_step) % self.frequency))
-        return self.target_counts(last)
+        return self.target_counts(last_pruning_step(
+            t, start_step=self.start_step, end_step=self.end_step, frequency=self.frequency))
 
     def density_at(self, t: int) -> float:
         """Overall density of the sparsified weights that the schedule asks for at step ``t``.

@@ -21,11 +21,12 @@ from torch import nn
 from .. import checks
 from ..backends.base import VARIABLE_COUNT, Block
 from ..flops import rigl_training_flops
-from ..sparsity.distributions import check_density, densities_for_shapes
+from ..sparsity.distributions import densities_for_shapes
 from ..sparsity.masks import active_count
 from ..sparsity.positions import merge_sorted
 from ..sparsity import schedules
-from ..sparsity.schedules import gradual_density, is_pruning_step
+from ..sparsity.schedules import (gradual_density, gradual_steps, is_pruning_step,
+                                  last_pruning_step)
 from ..sparsity.selection import select_global
 from . import scores as checked
 from .base import Sparsifier
@@ -122,29 +123,12 @@ class GraNet(Sparsifier):
                  drop_fraction_decay: str = "cosine", t_end: int | None = None,
                  erk_power_scale: float = 1.0, sparsify_embeddings: bool = False,
                  structure: str | None = None):
-        self.initial_density = check_density(initial_density, "initial_density")
-        if check_density(density) > self.initial_density:
-            raise ValueError(
-                f"density (the final density, {density!r}) must not be above initial_density "
-                f"({initial_density!r}): GraNet's pruning only removes weights")
         steps = checks.positive_int(total_steps, "total_steps")
-        if frequency is not None and delta_t is not None and frequency != delta_t:
-            raise ValueError(f"frequency ({frequency!r}) and delta_t ({delta_t!r}) name the "
-                             "same period; give one of them")
-        period = frequency if frequency is not None else delta_t
-        self.frequency = 100 if period is None else checks.positive_int(period, "frequency")
+        self.initial_density, self.frequency, self.start_step, self.end_step = gradual_steps(
+            density, initial_density, steps, start_step, end_step, frequency, delta_t,
+            default_start=0, default_end=max(1, 11 * steps // 16),
+            default_end_text="11 * total_steps // 16")
         self.delta_t = self.frequency  # the update period, as the FLOPs rule reads it
-        self.start_step = (0 if start_step is None
-                           else checks.non_negative_int(start_step, "start_step"))
-        self.end_step = (max(1, 11 * steps // 16) if end_step is None
-                         else checks.positive_int(end_step, "end_step"))
-        if self.end_step > steps:
-            raise ValueError(f"end_step must be at most total_steps ({steps}), got "
-                             f"{self.end_step}")
-        if self.start_step >= self.end_step:
-            default = ", the default 11 * total_steps // 16" if end_step is None else ""
-            raise ValueError(f"start_step ({self.start_step}) must be before end_step "
-                             f"({self.end_step}{default})")
         self.alpha = checks.real_in_range(alpha, "alpha", 0.0, 1.0,
                                           meaning="the initial regeneration fraction")
         schedules.drop_fraction(0, alpha=self.alpha, t_end=1, decay=drop_fraction_decay)
@@ -197,9 +181,8 @@ class GraNet(Sparsifier):
     def scheduled_total(self, t: int) -> int:
         """``target_total`` of the last pruning step up to ``t`` (regeneration keeps every
         layer's count)."""
-        last = (self.end_step if t >= self.end_step
-                else max(self.start_step, t - (t - self.start_step) % self.frequency))
-        return self.target_total(last)
+        return self.target_total(last_pruning_step(
+            t, start_step=self.start_step, end_step=self.end_step, frequency=self.frequency))
 
     def allowed_counts(self, t: int) -> dict[str, tuple[int, int]]:
         """Each layer's count at the start until the first pruning; then from 1 (global

@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import checks
 from ..backends import get_backend
-from ..backends.base import VARIABLE_COUNT
+from ..backends.base import VARIABLE_COUNT, missing_reason
 from ..flops import sparse_training_flops
 from ..sparsity.positions import merge_sorted
 from ..sparsity.schedules import DROP_FRACTION_DECAYS
@@ -135,8 +135,7 @@ class MEST(SET):
     def _check_soft(backend: str, structure: str | None, allow_regrowth: bool) -> None:
         backend_class = get_backend(backend)
         if VARIABLE_COUNT not in backend_class.capabilities:
-            reason = getattr(backend_class, "missing_reason", lambda capability: None)
-            why = reason(VARIABLE_COUNT)
+            why = missing_reason(backend_class, VARIABLE_COUNT)
             raise ValueError(f"soft_memory_bound=True changes the number of active weights, "
                              f"which backend={backend!r} cannot{f' ({why})' if why else ''}; "
                              "use backend='masked', or soft_memory_bound=False")

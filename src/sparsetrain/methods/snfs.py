@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import warnings
 from fractions import Fraction
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -109,15 +109,9 @@ class SNFS(SET):
     requires = frozenset({DENSE_GRADIENT_EVERY_STEP, VARIABLE_COUNT})
     grad_momentum = 0.9
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, density: float,
-                 total_steps: int, distribution: str | Mapping[str, float] = "erk",
-                 delta_t: int = 100, alpha: float = 0.3, drop_fraction_decay: str = "cosine",
-                 t_end: int | None = None, dense_layers: Iterable[str] | str = (),
-                 masks: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
-                 backend: str = "masked", t_start: int = 0, erk_power_scale: float = 1.0,
-                 allow_regrowth: bool = True, optimizer_step_on_update: bool | None = None,
-                 sparsify_embeddings: bool = False, structure: str | None = None,
-                 redistribution: str | None = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 redistribution: str | None = None, structure: str | None = None, **kwargs):
+        """``redistribution``, and the keywords of :class:`~.dst.DynamicSparsifier`."""
         structured = parse_structure(structure).kind != "unstructured"
         if redistribution is None:
             redistribution = "none" if structured else "momentum"
@@ -130,14 +124,7 @@ class SNFS(SET):
         if redistribution == "none":  # every layer keeps its count, as in the RigL paper
             self.fixed_budget = True
             self.requires = frozenset({DENSE_GRADIENT_EVERY_STEP})
-        super().__init__(model, optimizer, density=density, total_steps=total_steps,
-                         distribution=distribution, delta_t=delta_t, alpha=alpha,
-                         drop_fraction_decay=drop_fraction_decay, t_end=t_end,
-                         dense_layers=dense_layers, masks=masks, seed=seed, backend=backend,
-                         t_start=t_start, erk_power_scale=erk_power_scale,
-                         allow_regrowth=allow_regrowth,
-                         optimizer_step_on_update=optimizer_step_on_update,
-                         sparsify_embeddings=sparsify_embeddings, structure=structure)
+        super().__init__(model, optimizer, structure=structure, **kwargs)
 
     def init_method_state(self) -> None:
         self.gradient_ema: dict[str, torch.Tensor] = {}

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 
+from .. import checks
+from .distributions import check_density
+
 DROP_FRACTION_DECAYS = ("cosine", "linear", "constant")
 
 
@@ -55,3 +58,42 @@ def is_pruning_step(t: int, *, start_step: int, end_step: int, frequency: int) -
     if not start_step < t <= end_step:
         return False
     return t == end_step or (t - start_step) % frequency == 0
+
+
+def last_pruning_step(t: int, *, start_step: int, end_step: int, frequency: int) -> int:
+    """The last step up to ``t`` at which gradual pruning prunes (see ``is_pruning_step``), or
+    ``start_step`` before the first: the step whose schedule the masks hold after step ``t``."""
+    if t >= end_step:
+        return end_step
+    return max(start_step, t - (t - start_step) % frequency)
+
+
+def gradual_steps(density: float, initial_density: float, total_steps: int,
+                  start_step: int | None, end_step: int | None, frequency: int | None,
+                  delta_t: int | None, *, default_start: int, default_end: int,
+                  default_end_text: str) -> tuple[float, int, int, int]:
+    """The checked settings of a gradual pruning schedule, ``(initial_density, frequency,
+    start_step, end_step)``: ``density`` (the final one) at most ``initial_density``, one
+    period given as ``frequency`` or ``delta_t`` (100 by default), ``start_step`` before
+    ``end_step`` at most ``total_steps`` (``default_start``, ``default_end`` where not given;
+    ``default_end_text`` names the latter in an error)."""
+    initial = check_density(initial_density, "initial_density")
+    if check_density(density) > initial:
+        raise ValueError(
+            f"density (the final density, {density!r}) must not be above initial_density "
+            f"({initial_density!r}): pruning only removes weights")
+    steps = checks.positive_int(total_steps, "total_steps")
+    if frequency is not None and delta_t is not None and frequency != delta_t:
+        raise ValueError(f"frequency ({frequency!r}) and delta_t ({delta_t!r}) name the "
+                         "same period; give one of them")
+    period = frequency if frequency is not None else delta_t
+    period = 100 if period is None else checks.positive_int(period, "frequency")
+    start = (default_start if start_step is None
+             else checks.non_negative_int(start_step, "start_step"))
+    end = default_end if end_step is None else checks.positive_int(end_step, "end_step")
+    if end > steps:
+        raise ValueError(f"end_step must be at most total_steps ({steps}), got {end}")
+    if start >= end:
+        default = f", the default {default_end_text}" if end_step is None else ""
+        raise ValueError(f"start_step ({start}) must be before end_step ({end}{default})")
+    return initial, period, start, end
