@@ -34,6 +34,15 @@ either way. The operators keep ``y`` for that (the tensor returned, not a copy).
 For RigL the layer can also keep, on request, the input and output gradient of a step
 (``capture``), from which the dense weight gradient is computed later in blocks of rows; with
 the ReLU fused, the output gradient kept is the masked one (the gradient of ``x W^T + b``).
+
+Inference: where no gradient can flow through the layer (under ``torch.no_grad()`` or
+``torch.inference_mode()``, or when none of the input, values and bias requires grad, as in a
+model from ``sparsetrain.deploy.load_sparse``), the forward product is
+:func:`.csr_infer.csr_infer`, with the same dtypes, autocast, bias and fused ReLU, but no
+autograd: nothing is packed or kept for a backward pass, and nothing is recorded into
+``capture``. On the CPU, batches of up to :data:`.csr_infer.SPMV_MAX_BATCH` examples take the
+sparse matrix-vector kernel ``csr_spmv`` (which reads the input as it is, instead of in tiles of
+64 examples), block-shaped layers included; larger ones the same tile kernels as training.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from torch import nn
 
 from ..kernels import compiled_kernels  # noqa: F401  (the benchmarks import it from here)
 from .block_ops import BLOCK_KEYS, block_linear, block_structure
+from .csr_infer import csr_infer, csr_infer_op
 from .csr_ops import (DTYPES, INDEX, check_index_range, csr_linear, register_layer,
                       row_pointers, transpose)
 from .optimizer_state import set_data
@@ -370,7 +380,10 @@ class CSRLinear(nn.Module):
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         relu = self.activation == "relu"
-        if self.block_shape is not None:  # the bias (and the ReLU) applied as the kernels write y
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (flat, values, bias))):
+            y = self._infer(flat, values, bias, relu)  # no autograd: nothing kept or recorded
+        elif self.block_shape is not None:  # the bias (and the ReLU) applied as the kernels write y
             y, _ = block_linear(flat, values, self.crow, self.col,
                                 *(getattr(self, key) for key in BLOCK_KEYS), *self.block_shape,
                                 self.in_features, self._handle, bias, relu)
@@ -378,6 +391,14 @@ class CSRLinear(nn.Module):
             y, _ = csr_linear(flat, values, *self.structure(), self.in_features, self._handle,
                               bias, relu)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _infer(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+               relu: bool) -> torch.Tensor:
+        """The forward product without autograd (:func:`.csr_infer.csr_infer`; its custom
+        operator while ``torch.compile`` traces the layer)."""
+        infer = csr_infer_op if torch.compiler.is_compiling() else csr_infer
+        blocks = () if self.block_shape is None else (self.b_ptr, self.b_col, *self.block_shape)
+        return infer(x, values, self.crow, self.col, self.in_features, bias, relu, *blocks)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -192,14 +192,23 @@ def csr_linear(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, t_crow: Ten
         y = kernels.csr_forward(crow, col, values.contiguous(), tiles, rows, in_features, batch,
                                 bias, relu)
         return y, tiles
+    y = torch_product(x, values, crow, col, in_features, bias, relu)
+    return y, pack(x) if packs(x) else x.new_empty(0)
+
+
+def torch_product(x: Tensor, values: Tensor, crow: Tensor, col: Tensor, in_features: int,
+                  bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """``x W^T (+ bias)``, with ``relu`` its ReLU, by torch's sparse CSR product: where the
+    kernels cannot compute it (the 16-bit types in float32 on the CPU, rounded back)."""
     compute = _fallback_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):  # the dtypes are chosen already
-        y_t = _csr(crow, col, values.to(compute), (rows, in_features)) @ x.t().to(compute)
+        y_t = _csr(crow, col, values.to(compute), (crow.shape[0] - 1, in_features)) \
+            @ x.t().to(compute)
         if bias is not None:
             y_t = y_t + bias.to(compute)[:, None]
         if relu:
             y_t = torch.relu(y_t)
-    return y_t.t().to(x.dtype).contiguous(), pack(x) if packs(x) else x.new_empty(0)
+    return y_t.t().to(x.dtype).contiguous()
 
 
 @csr_linear.register_fake
