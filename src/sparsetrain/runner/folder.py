@@ -31,12 +31,13 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+
+from ..files import TMP_SUFFIX, replace_atomically
 
 from .config import ConfigError, TrainConfig, dump_yaml, saved_setting
 from .lock import LOCK, FolderLock  # noqa: F401 (LOCK: one of the folder's file names)
@@ -52,7 +53,7 @@ TENSORBOARD = "tensorboard"
 FORMAT = "sparsetrain-run"
 #: The key of a checkpoint's digest of the rest of its content.
 DIGEST = "sha256"
-_TMP = ".tmp"
+_TMP = TMP_SUFFIX
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -101,23 +102,10 @@ def _write_error(path: Path, exc: OSError, size: int) -> RunFolderError:
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
     """Replace ``path`` by a file holding ``data``, atomically (see the module's docstring);
     raises ``RunFolderError`` (the old file intact, no temporary file left) if it fails."""
-    path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP, dir=path.parent)
+        replace_atomically(Path(path), data)
     except OSError as exc:
-        raise _write_error(path, exc, len(data)) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, exc, len(data)) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        raise _write_error(Path(path), exc, len(data)) from None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
