@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for sparsetrain: Debian's Fashion-MNIST package, a virtual
 # environment in .venv with the CPU build of torch, and the package itself with its test tools
-# and its integrations (Hugging Face, Lightning, TensorBoard).
+# and its integrations (Hugging Face, Lightning, TensorBoard, ONNX export and onnxruntime).
 # Safe to run again: each step skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."

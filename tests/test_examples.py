@@ -33,3 +33,16 @@ def test_wide_sparse_mlp(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(EXAMPLES / "wide_sparse_mlp.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "MLP 784-256-256-10" in out and "epoch 2: test accuracy" in out
+
+
+def test_ship_sparse_model(tmp_path, monkeypatch, capsys):
+    root = fake_fashion_mnist(tmp_path, n_train=512, n_test=64)
+    out = tmp_path / "lenet.sparse.safetensors"
+    monkeypatch.setattr(sys, "argv", [
+        "ship_sparse_model.py", "--data", str(root), "--epochs", "1", "--batch-size", "64",
+        "--out", str(out)])
+    runpy.run_path(str(EXAMPLES / "ship_sparse_model.py"), run_name="__main__")
+    text = capsys.readouterr().out
+    assert f"exported to {out}" in text and out.is_file()
+    assert "predictions identical to the trained model's: True" in text
+    assert "ms sparse" in text and "ms dense" in text

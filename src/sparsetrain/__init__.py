@@ -32,6 +32,7 @@ from .methods import (
     training_flops_per_example,
 )
 from .backends import available_backends
+from .deploy import SparseFileError, export_onnx, export_sparse, load_sparse, read_sparse
 from .pruning import (
     PRUNING_METHODS,
     LotteryRound,
@@ -79,6 +80,11 @@ __all__ = [
     "Static",
     "TopKAST",
     "available_backends",
+    "SparseFileError",
+    "export_onnx",
+    "export_sparse",
+    "load_sparse",
+    "read_sparse",
     "supported_pairs",
     "available_methods",
     "dense_param_count",

@@ -4,6 +4,8 @@
         --distribution erk --epochs 20 --batch-size 128 --lr 0.1 --seed 0 --out runs/example
     sparsetrain train --config configs/cifar10_wrn22_rigl.yaml --resume runs/x
     sparsetrain list                      # models, data sets and methods
+    sparsetrain export runs/x             # the trained model as a compact safetensors file
+    sparsetrain predict runs/x/model.sparse.safetensors   # its accuracy and speed
 
 Every setting is a ``--option`` and a key of the YAML file given with ``--config``; options on
 the command line override the file. Errors in the input end the command with a one-line message
@@ -31,6 +33,7 @@ from .runner.config import (
     unknown_key_error,
 )
 from .runner.folder import config_path
+from .cli_deploy import add_commands as add_deploy_commands
 
 HELP = {
     "model": "model name (see `sparsetrain list`)",
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="skip `sparsetrain analyze` of the runs (written to the "
                                 "results file's folder, analysis/, and linked from it)")
     commands.add_parser("list", help="list the models, data sets and methods")
+    add_deploy_commands(commands)
     return parser
 
 
@@ -386,6 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args) if args.command == "sweep" else _report(args)
         if args.command == "analyze":
             return _analyze(args)
+        if args.command in ("export", "predict"):
+            from .cli_deploy import run
+
+            return run(args)
         if args.command == "reproduce":
             return _reproduce(args, argv)
         config, resume = resolve_config(args)

@@ -252,6 +252,12 @@ class Sparsifier:
         whose inference FLOPs and final density are of these."""
         return self.active_counts()
 
+    def forward_positions(self, name: str) -> torch.Tensor:
+        """The weights of ``name`` that the forward pass uses (sorted flat positions, int64):
+        ``active_positions(name)``, except for a method whose forward pass uses fewer
+        (Top-KAST). What an exported model holds (:func:`sparsetrain.deploy.export_sparse`)."""
+        return self.active_positions(name)
+
     def scheduled_counts(self, t: int) -> dict[str, int] | None:
         """The active weights of every layer after step ``t``, as the method fixes them (with
         every update run: one skipped on non-finite scores leaves the counts as they were), or

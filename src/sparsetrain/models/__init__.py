@@ -72,7 +72,9 @@ def available_models() -> list[str]:
 def build_model(name: str, *, num_classes: int = 10, input_shape: Sequence[int] = (3, 32, 32),
                 width: float = 1.0) -> nn.Module:
     """The model registered as ``name`` for ``num_classes`` classes and inputs of ``input_shape``
-    (one example, channels first)."""
+    (one example, channels first). The module carries these arguments as its
+    ``sparsetrain_recipe`` (a dict), which :func:`sparsetrain.deploy.export_sparse` records so
+    that the exported file can be loaded without the code that built it."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; the models are: {', '.join(available_models())}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -86,7 +88,11 @@ def build_model(name: str, *, num_classes: int = 10, input_shape: Sequence[int] 
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"input_shape must hold positive sizes, got {input_shape!r}")
-    return _MODELS[name](num_classes=num_classes, input_shape=shape, width=width)
+    model = _MODELS[name](num_classes=num_classes, input_shape=shape, width=width)
+    # how to build it again: what an exported sparse model file records (sparsetrain.deploy)
+    model.sparsetrain_recipe = {"model": name, "num_classes": num_classes,
+                                "input_shape": list(shape), "width": width}
+    return model
 
 
 def count_parameters(model: nn.Module, *, sparsifiable_only: bool = False) -> int:
