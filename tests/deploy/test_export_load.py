@@ -1,8 +1,11 @@
 """Exporting and loading sparse models: every method on every backend, every zoo model from its
 recipe, every structure; the weights come back bit for bit and the outputs agree."""
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 import sparsetrain as st
@@ -112,9 +115,13 @@ def test_every_structure_round_trips(structure, backend, tmp_path):
     expected = dense_state_dict(model)
     path = st.export_sparse(model, sp, tmp_path / "m.safetensors")
     content = st.read_sparse(path)
+    layout = {"2:4": "nm", "block:4x4": "bsr"}.get(structure, "csr")
+    with safe_open(str(path), "pt") as f:
+        layers = json.loads(f.metadata()["layers"])
     for name, w in content.sparse.items():
         assert w.structure == structure
         assert (w.block is not None) == structure.startswith("block")
+        assert layers[name]["layout"] == layout
     for load_backend in BACKENDS:
         loaded = st.load_sparse(path, model=mlp(), backend=load_backend)
         assert_same_state(loaded, expected)

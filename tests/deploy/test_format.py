@@ -155,6 +155,29 @@ def test_blocks_are_stored_as_blocks(tmp_path):
     assert torch.equal(fmt.decode(tensors, metadata).sparse["weight"].positions, weight.positions)
 
 
+def test_n_m_groups_are_stored_as_groups(tmp_path):
+    torch.manual_seed(0)
+    keep = torch.rand(6, 5, 8).argsort(-1)[..., :3].sort(-1).values  # 3 of every 8
+    mask = torch.zeros(6, 5, 8, dtype=torch.bool).scatter_(-1, keep, True).view(6, 40)
+    values = torch.randn(int(mask.sum()))
+    weight = fmt.SparseWeight((6, 40), mask.view(-1).nonzero().view(-1), values, "3:8")
+    tensors, metadata = fmt.encode(fmt.SparseModel({}, {"weight": weight}))
+    assert json.loads(metadata["layers"])["weight"]["layout"] == "nm"
+    assert tensors["weight::values"].shape == (6, 5, 3)
+    assert tensors["weight::idx"].dtype == torch.uint8 and torch.equal(
+        tensors["weight::idx"].long(), keep)
+    back = fmt.decode(tensors, metadata).sparse["weight"]
+    assert torch.equal(back.positions, weight.positions) and torch.equal(back.values, values)
+    bad = dict(tensors, **{"weight::idx": tensors["weight::idx"].flip(-1).contiguous()})
+    metadata["checksum"] = fmt.checksum(bad, metadata)
+    with pytest.raises(st.SparseFileError, match="not increasing and below 8"):
+        fmt.decode(bad, metadata)
+    # positions that are not N:M groups (one group short of one) are stored as CSR
+    weight.positions, weight.values = weight.positions[1:], weight.values[1:]
+    tensors, metadata = fmt.encode(fmt.SparseModel({}, {"weight": weight}))
+    assert json.loads(metadata["layers"])["weight"]["layout"] == "csr"
+
+
 def test_written_atomically(exported, monkeypatch):
     before = exported.read_bytes()
     monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("full")))

@@ -15,16 +15,19 @@ them) and, in safetensors' string metadata,
 
 A dense tensor is stored under its own name. A sparse weight ``NAME`` of shape ``(out, ...)``
 is stored as the matrix of ``out`` rows and ``numel / out`` columns (its row-major flat
-positions, as :mod:`sparsetrain.sparsity` numbers them) in one of two layouts:
+positions, as :mod:`sparsetrain.sparsity` numbers them) in one of three layouts:
 
 - ``"csr"``: ``NAME::values`` (nnz, the weight's dtype), ``NAME::crow`` (rows + 1 row
   pointers) and ``NAME::col`` (nnz column indices), int32 where they fit, else int64;
 - ``"bsr"`` (a 2-D weight in aligned blocks of R x C, ``block`` in its layer entry):
   ``NAME::values`` (blocks, R, C), ``NAME::crow`` (rows / R + 1 block-row pointers),
-  ``NAME::col`` (the block column of each block).
+  ``NAME::col`` (the block column of each block);
+- ``"nm"`` (a 2-D weight trained with ``structure="N:M"``, exactly N active in every group of M
+  consecutive inputs; ``n`` and ``m`` in its layer entry): ``NAME::values`` (rows, cols / M, N)
+  and ``NAME::idx`` (uint8, the same shape: each value's place in its group, increasing).
 
 So a file's size is about proportional to the non-zeros: 8 bytes a non-zero in float32 CSR
-(4 bytes of value, 4 of index), a little over 4 in blocks.
+(4 bytes of value, 4 of index), 5 in N:M groups, a little over 4 in blocks.
 
 Nothing is unpickled: safetensors holds raw tensors and strings only. Every structure read is
 checked (sorted unique positions within the shape, sizes that agree) before it is used.
@@ -48,8 +51,10 @@ FORMAT = "sparsetrain.sparse-model"
 FORMAT_VERSION = 1
 #: Between a sparse weight's name and the part of it a tensor holds.
 SEP = "::"
-LAYOUTS = ("csr", "bsr")
-_PARTS = ("values", "crow", "col")
+LAYOUTS = ("csr", "bsr", "nm")
+#: The tensors of a sparse weight in each layout.
+PARTS = {"csr": ("values", "crow", "col"), "bsr": ("values", "crow", "col"),
+         "nm": ("values", "idx")}
 
 
 class SparseFileError(ValueError):
@@ -60,7 +65,9 @@ class SparseFileError(ValueError):
 class SparseWeight:
     """One sparse weight: ``shape``, its sorted flat ``positions`` (int64), the ``values`` at
     them (in their order), the ``structure`` it was trained with (e.g. ``"unstructured"``,
-    ``"2:4"``, ``"block:4x4"``) and, for blocks, the ``block`` shape ``(R, C)``."""
+    ``"2:4"``, ``"block:4x4"``) and, for blocks, the ``block`` shape ``(R, C)``. The file
+    stores it in the layout of its structure where its positions have that structure (N:M
+    groups, blocks of a 2-D weight), else as CSR."""
 
     shape: tuple[int, ...]
     positions: torch.Tensor
@@ -142,6 +149,14 @@ def _encode_weight(name: str, w: SparseWeight) -> tuple[dict[str, torch.Tensor],
     r, c = torch.div(pos, cols, rounding_mode="floor"), pos % cols
     entry = {"shape": list(w.shape), "structure": w.structure, "nnz": int(pos.numel())}
     block = w.block if w.block is not None and len(w.shape) == 2 else None
+    groups = _nm_groups(w, r, c, rows, cols)
+    if groups is not None:
+        n, m = groups
+        order = c % m  # the places within each group, in row-major order: already sorted
+        entry.update(layout="nm", n=n, m=m)
+        return {f"{name}{SEP}values": w.values.detach().cpu().reshape(rows, cols // m, n)
+                .contiguous(),
+                f"{name}{SEP}idx": order.to(torch.uint8).reshape(rows, cols // m, n)}, entry
     if block is not None and _tiles(r, c, rows, cols, block):
         R, C = block
         first = (r % R == 0) & (c % C == 0)  # the top-left entry of every block
@@ -161,6 +176,23 @@ def _encode_weight(name: str, w: SparseWeight) -> tuple[dict[str, torch.Tensor],
     return {f"{name}{SEP}values": w.values.detach().cpu().contiguous(),
             f"{name}{SEP}crow": _index(crow, max(rows, cols, pos.numel())),
             f"{name}{SEP}col": _index(c, max(rows, cols, pos.numel()))}, entry
+
+
+def _nm_groups(w: SparseWeight, r: torch.Tensor, c: torch.Tensor, rows: int,
+               cols: int) -> tuple[int, int] | None:
+    """``(N, M)`` where ``w`` is a 2-D weight of structure ``"N:M"`` whose positions have
+    exactly N in every group of M consecutive columns (M <= 256), else None."""
+    if len(w.shape) != 2 or ":" not in w.structure or w.structure.startswith("block"):
+        return None
+    try:
+        n, m = (int(v) for v in w.structure.split(":"))
+    except ValueError:
+        return None
+    if not 0 < n <= m <= 256 or cols % m or r.numel() != rows * (cols // m) * n:
+        return None
+    counts = torch.bincount(r * (cols // m) + torch.div(c, m, rounding_mode="floor"),
+                            minlength=rows * (cols // m))
+    return (n, m) if bool((counts == n).all()) else None
 
 
 def _tiles(r: torch.Tensor, c: torch.Tensor, rows: int, cols: int, block) -> bool:
@@ -272,7 +304,8 @@ def decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                               "the model again") from None
     sparse = {name: _decode_weight(name, entry, tensors, where)
               for name, entry in layers.items()}
-    parts = {f"{n}{SEP}{p}" for n in layers for p in _PARTS}
+    parts = {f"{n}{SEP}{p}" for n, entry in layers.items()
+             for p in PARTS.get(entry.get("layout") if isinstance(entry, dict) else None, ())}
     stray = sorted(k for k in tensors if SEP in k and k not in parts)
     if stray:
         raise SparseFileError(f"{where} holds parts of sparse weights it does not describe "
@@ -289,10 +322,6 @@ def _decode_weight(name: str, entry: Any, tensors: Mapping[str, torch.Tensor],
 
     if not isinstance(entry, dict):
         raise bad("has no description")
-    missing = [p for p in _PARTS if f"{name}{SEP}{p}" not in tensors]
-    if missing:
-        raise bad(f"lacks its {', '.join(missing)}")
-    values, crow, col = (tensors[f"{name}{SEP}{p}"] for p in _PARTS)
     try:
         shape = tuple(int(s) for s in entry["shape"])
         layout = entry.get("layout")
@@ -303,6 +332,13 @@ def _decode_weight(name: str, entry: Any, tensors: Mapping[str, torch.Tensor],
         raise bad(f"has the unknown layout {layout!r} (this sparsetrain reads {LAYOUTS})")
     if any(s < 0 for s in shape) or not shape:
         raise bad(f"has the invalid shape {shape}")
+    missing = [p for p in PARTS[layout] if f"{name}{SEP}{p}" not in tensors]
+    if missing:
+        raise bad(f"lacks its {', '.join(missing)}")
+    if layout == "nm":
+        return _decode_nm(entry, shape, structure, tensors[f"{name}{SEP}values"],
+                          tensors[f"{name}{SEP}idx"], bad)
+    values, crow, col = (tensors[f"{name}{SEP}{p}"] for p in PARTS[layout])
     if crow.dtype not in (torch.int32, torch.int64) or col.dtype not in (torch.int32,
                                                                            torch.int64):
         raise bad("has indices that are not integers")
@@ -347,3 +383,27 @@ def _decode_weight(name: str, entry: Any, tensors: Mapping[str, torch.Tensor],
     pos = (row.view(-1, 1, 1) * R + i) * cols + col.view(-1, 1, 1) * C + j
     pos, order = pos.reshape(-1).sort()
     return SparseWeight(shape, pos, values.reshape(-1)[order].contiguous(), structure, block)
+
+
+def _decode_nm(entry: dict, shape: tuple[int, ...], structure: str, values: torch.Tensor,
+               idx: torch.Tensor, bad) -> SparseWeight:
+    """The weight stored in N:M groups: ``values`` and their places ``idx`` in their groups."""
+    try:
+        n, m = int(entry["n"]), int(entry["m"])
+    except (KeyError, TypeError, ValueError):
+        raise bad("is in N:M groups but has no valid n and m") from None
+    if len(shape) != 2 or not 0 < n <= m <= 256 or shape[1] % m:
+        raise bad(f"has {n}:{m} groups that do not fit its shape {shape}")
+    groups = (shape[0], shape[1] // m, n)
+    if not values.is_floating_point() or tuple(values.shape) != groups:
+        raise bad(f"has values of shape {tuple(values.shape)} ({values.dtype}), not floating "
+                  f"point of {groups}")
+    if idx.dtype != torch.uint8 or tuple(idx.shape) != groups:
+        raise bad(f"has group places of shape {tuple(idx.shape)} ({idx.dtype}), not uint8 of "
+                  f"{groups}")
+    places = idx.to(torch.int64)
+    if bool((places >= m).any()) or (n > 1 and bool((places[..., 1:] <= places[..., :-1]).any())):
+        raise bad(f"has places in its groups that are not increasing and below {m}")
+    starts = torch.arange(groups[0] * groups[1]).view(groups[0], groups[1], 1) * m
+    return SparseWeight(shape, (starts + places).reshape(-1), values.reshape(-1).contiguous(),
+                        structure)
