@@ -189,3 +189,32 @@ def test_zoo_recipe_is_recorded_and_needed(tmp_path):
         st.load_sparse(path)
     with pytest.raises(ValueError, match="missing num_classes, input_shape, width"):
         st.export_sparse(mlp(), None, tmp_path / "x.safetensors", recipe={"model": "lenet300"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", st.available_methods())
+@pytest.mark.parametrize("name", available_models())
+def test_every_zoo_model_with_every_method(name, method, tmp_path):
+    """The whole product, after two training steps (the default run covers each side)."""
+    torch.manual_seed(0)
+    shape = zoo_input(name)
+    width = 1.0 if name.startswith("lenet") else 0.25
+    model = build_model(name, num_classes=10, input_shape=shape, width=width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sp = st.make_sparsifier(method, model, opt, density=0.1, total_steps=2,
+                            **schedule_kwargs(method, 1, alpha=0.3))
+    x = example_input(name, shape, num_classes=10, batch=4)
+    for _ in range(2):
+        opt.zero_grad()
+        out = model(x)
+        out.float().square().mean().backward()
+        sp.step()
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+    path = st.export_sparse(model, sp, tmp_path / "m.sparse.safetensors")
+    for backend in BACKENDS:
+        loaded = st.load_sparse(path, backend=backend)
+        assert_same_state(loaded, dense_state_dict(model))
+        with torch.inference_mode():
+            assert torch.allclose(loaded(x), reference, rtol=1e-4, atol=1e-5)
