@@ -11,6 +11,7 @@ from torch import nn
 import sparsetrain as st
 from sparsetrain import files
 from sparsetrain.deploy import format as fmt
+from sparsetrain.deploy import read, write
 from sparsetrain.models import build_model
 
 
@@ -52,7 +53,7 @@ def test_loading_unpickles_nothing(exported, monkeypatch):
 def rewrite(path, change):
     """Rewrite the file with ``change(tensors, metadata)`` applied, checksum recomputed."""
     content = st.read_sparse(path)
-    tensors, metadata = fmt.encode(content)
+    tensors, metadata = write.encode(content)
     change(tensors, metadata)
     metadata["checksum"] = fmt.checksum(tensors, metadata)
     save_file(tensors, str(path), metadata=metadata)
@@ -142,17 +143,17 @@ def test_blocks_are_stored_as_blocks(tmp_path):
         layer.weight.mul_(mask)
     weight = fmt.SparseWeight((8, 16), mask.view(-1).nonzero().view(-1),
                               layer.weight.detach().view(-1)[mask.view(-1)], "block:4x4", (4, 4))
-    tensors, metadata = fmt.encode(fmt.SparseModel({}, {"weight": weight}))
+    tensors, metadata = write.encode(fmt.SparseModel({}, {"weight": weight}))
     n = int(blocks.sum())
     assert tensors["weight::values"].shape == (n, 4, 4) and tensors["weight::col"].numel() == n
-    back = fmt.decode(tensors, metadata).sparse["weight"]
+    back = read.decode(tensors, metadata).sparse["weight"]
     assert torch.equal(back.positions, weight.positions)
     assert torch.equal(back.values, weight.values) and back.block == (4, 4)
     # positions that are not whole blocks are stored as CSR
     weight.positions, weight.values = weight.positions[1:], weight.values[1:]
-    tensors, metadata = fmt.encode(fmt.SparseModel({}, {"weight": weight}))
+    tensors, metadata = write.encode(fmt.SparseModel({}, {"weight": weight}))
     assert json.loads(metadata["layers"])["weight"]["layout"] == "csr"
-    assert torch.equal(fmt.decode(tensors, metadata).sparse["weight"].positions, weight.positions)
+    assert torch.equal(read.decode(tensors, metadata).sparse["weight"].positions, weight.positions)
 
 
 def test_n_m_groups_are_stored_as_groups(tmp_path):
@@ -161,20 +162,20 @@ def test_n_m_groups_are_stored_as_groups(tmp_path):
     mask = torch.zeros(6, 5, 8, dtype=torch.bool).scatter_(-1, keep, True).view(6, 40)
     values = torch.randn(int(mask.sum()))
     weight = fmt.SparseWeight((6, 40), mask.view(-1).nonzero().view(-1), values, "3:8")
-    tensors, metadata = fmt.encode(fmt.SparseModel({}, {"weight": weight}))
+    tensors, metadata = write.encode(fmt.SparseModel({}, {"weight": weight}))
     assert json.loads(metadata["layers"])["weight"]["layout"] == "nm"
     assert tensors["weight::values"].shape == (6, 5, 3)
     assert tensors["weight::idx"].dtype == torch.uint8 and torch.equal(
         tensors["weight::idx"].long(), keep)
-    back = fmt.decode(tensors, metadata).sparse["weight"]
+    back = read.decode(tensors, metadata).sparse["weight"]
     assert torch.equal(back.positions, weight.positions) and torch.equal(back.values, values)
     bad = dict(tensors, **{"weight::idx": tensors["weight::idx"].flip(-1).contiguous()})
     metadata["checksum"] = fmt.checksum(bad, metadata)
     with pytest.raises(st.SparseFileError, match="not increasing and below 8"):
-        fmt.decode(bad, metadata)
+        read.decode(bad, metadata)
     # positions that are not N:M groups (one group short of one) are stored as CSR
     weight.positions, weight.values = weight.positions[1:], weight.values[1:]
-    tensors, metadata = fmt.encode(fmt.SparseModel({}, {"weight": weight}))
+    tensors, metadata = write.encode(fmt.SparseModel({}, {"weight": weight}))
     assert json.loads(metadata["layers"])["weight"]["layout"] == "csr"
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..backends.conversion import dense_state_dict
-from .format import SparseModel, SparseWeight, save
+from .format import SparseModel, SparseWeight
+from .write import save
 
 #: The keys of a construction recipe (:func:`sparsetrain.models.build_model`'s arguments).
 RECIPE_KEYS = ("model", "num_classes", "input_shape", "width")

@@ -20,7 +20,8 @@ from torch import nn
 from ..backends.csr import CSRLinear
 from ..backends.conversion import to_csr
 from ..backends.csr_ops import DTYPES
-from .format import SparseFileError, SparseModel, load
+from .format import SparseFileError, SparseModel
+from .read import load
 
 #: What ``load_sparse``'s ``backend`` may be.
 BACKENDS = ("csr", "dense")

@@ -13,7 +13,9 @@ from typing import Any, Mapping
 
 from ..deploy.card import card_path, model_card
 from ..deploy.export import pack
-from ..deploy.format import SparseModel, load, save
+from ..deploy.format import SparseModel
+from ..deploy.read import load
+from ..deploy.write import save
 from . import folder
 from .config import ConfigError, TrainConfig, make_config
 
