@@ -90,8 +90,10 @@ def run_content(run: Path) -> tuple[SparseModel, Any]:
 
 
 def dense_bytes(content: SparseModel) -> int:
-    """Bytes of the model's tensors stored dense (what a dense checkpoint of them holds)."""
-    return sum(t.numel() * t.element_size() for t in content.state_dict().values())
+    """Bytes of the model's tensors stored dense (what a dense checkpoint of them holds),
+    counted from their sizes: nothing is made dense for it."""
+    return (sum(t.numel() * t.element_size() for t in content.dense.values())
+            + sum(w.numel * w.values.element_size() for w in content.sparse.values()))
 
 
 def export_run(run: Path, out: Path | None = None, *, format: str = "safetensors"
